@@ -1,0 +1,27 @@
+"""Test-wide setup.
+
+Triton's interpreter must be switched on before anything imports triton (transformers does so
+indirectly), so it is set here, at the very top. Model tests use the reference ops by default
+(``DYNREFER_OPS_BACKEND=reference``); the kernel tests ask for the Triton path explicitly.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DYNREFER_OPS_BACKEND", "reference")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the clone (present in CI)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data folder not found at {SHARED_DATA}")
+    return SHARED_DATA
