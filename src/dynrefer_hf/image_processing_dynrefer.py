@@ -1,0 +1,422 @@
+"""Image processor of DynRefer: nested views around every region (spec views.md).
+
+For each region of an image, the processor chooses ``num_views`` interpolation coefficients ``t``
+(view 0 is always the tight box), crops every view out of the image, resizes each crop to the model's
+square input with PIL bicubic, normalises it with the CLIP mean/std, and maps the region box into the
+pixels of each resized view. Any number of images, each with any number of regions, are processed in
+one call; the regions of all images are concatenated along the first axis.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BaseImageProcessor, BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+from .views import (
+    PHASH_RESOLUTION,
+    TASK_PRIOR_RATIOS,
+    candidate_ratios,
+    crop_boxes_from_view_boxes,
+    image_prior_ratios,
+    mask_to_box,
+    random_ratios,
+    region_phash,
+    rgb_to_grey,
+    standard_phash,
+    target_boxes_in_views,
+    task_prior_ratios,
+    view_boxes,
+    widen_degenerate_box,
+)
+
+__all__ = ["DynReferImageProcessor", "to_rgb_array"]
+
+VIEW_SELECTIONS = ("image_prior", "random", "task")
+PHASH_METHODS = ("upstream", "imagehash")
+# PIL modes whose conversion to 8-bit RGB would clip (not rescale) the values: refused, not guessed.
+_WIDE_PIL_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """An image as a C-contiguous ``[H, W, 3]`` uint8 RGB array.
+
+    PIL images of 8-bit modes (L, P, RGBA, CMYK, YCbCr, ...) are converted with ``convert("RGB")``, as
+    upstream does after ``Image.open``: the alpha channel is dropped, not composited. Arrays may be
+    ``[H, W]`` (grey), ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (alpha dropped) uint8.
+
+    Raises:
+        ValueError: for 16-bit, 32-bit or float images (convert them to 8 bits yourself: the scaling is
+            yours to choose), empty images, or arrays of another shape.
+        TypeError: for anything that is not a PIL image or a NumPy array.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode in _WIDE_PIL_MODES:
+            raise ValueError(
+                f"PIL images of mode {image.mode!r} (16/32-bit or float) are not supported: convert them to "
+                "8-bit RGB first (upstream's Image.convert('RGB') would clip the values)"
+            )
+        array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    elif isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            raise ValueError(
+                f"image arrays must be uint8 RGB, got dtype {array.dtype}; convert to 8 bits first"
+            )
+        if array.ndim == 2:
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        elif array.ndim == 3 and array.shape[2] in (1, 3, 4):
+            array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
+        else:
+            raise ValueError(
+                f"image arrays must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {array.shape}"
+            )
+    else:
+        raise TypeError(f"images must be PIL images or NumPy uint8 arrays, got {type(image).__name__}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"the image is empty ({array.shape[1]}x{array.shape[0]} pixels)")
+    return np.ascontiguousarray(array)
+
+
+def _is_single_image(images: Any) -> bool:
+    if isinstance(images, Image.Image):
+        return True
+    return isinstance(images, np.ndarray) and images.ndim in (2, 3)
+
+
+def _as_box_array(boxes: Any, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(boxes, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: boxes must be numbers shaped [R, 4] (x1, y1, x2, y2)") from error
+    if array.size == 0:
+        return np.zeros((0, 4))
+    if array.ndim == 1 and array.shape[0] == 4:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise ValueError(f"{where}: boxes must be shaped [R, 4] (x1, y1, x2, y2), got {array.shape}")
+    return array
+
+
+def _split_per_image(values: Any, num_images: int, single: bool, name: str, item_ndim: int) -> list[Any]:
+    """One entry per image. A single image takes its own entry directly, or wrapped in a one-element list."""
+    if single:
+        try:
+            wrapped = np.ndim(values) == item_ndim + 2 and len(values) == 1
+        except ValueError:  # ragged nesting: not a one-image batch
+            wrapped = False
+        return [values[0]] if wrapped else [values]
+    if len(values) != num_images:
+        raise ValueError(f"{name} must hold one entry per image: got {len(values)} for {num_images} images")
+    return list(values)
+
+
+class DynReferImageProcessor(BaseImageProcessor):
+    r"""Builds DynRefer's nested views for every region of every image.
+
+    Args:
+        size (`dict`, *optional*, defaults to `{"height": 224, "width": 224}`): side of each view fed to the
+            vision tower. Crops are resized to exactly this size (aspect ratio not kept), as upstream.
+        num_views (`int`, *optional*, defaults to 3): views per region, view 0 being the tight box.
+        num_candidate_views (`int`, *optional*, defaults to 10): the candidate grid `t = (i + 1) / n`.
+        view_selection (`str`, *optional*, defaults to `"image_prior"`): default selection: `"image_prior"`
+            (upstream inference, pHash greedy ranking), `"random"` (upstream training) or `"task"` (paper
+            task priors, needs `task`).
+        task (`str`, *optional*): default task prior (`"attributes"` or `"captioning"`) for `"task"`.
+        phash_method (`str`, *optional*, defaults to `"upstream"`): `"upstream"` (bit-exact DynRefer pHash)
+            or `"imagehash"` (the `imagehash` package's pHash; changes which views are chosen).
+        phash_resolution (`int`, *optional*, defaults to 224): resize side inside the pHash.
+        resample (`int`, *optional*, defaults to `PILImageResampling.BICUBIC`): PIL filter for the crops.
+        rescale_factor (`float`, *optional*, defaults to `1/255`), image_mean, image_std (*optional*, CLIP's):
+            pixel normalisation `(x * rescale_factor - mean) / std`, in float32 as torchvision does.
+    """
+
+    model_input_names: ClassVar[list[str]] = ["pixel_values", "view_boxes"]
+
+    def __init__(
+        self,
+        size: dict[str, int] | None = None,
+        num_views: int = 3,
+        num_candidate_views: int = 10,
+        view_selection: str = "image_prior",
+        task: str | None = None,
+        phash_method: str = "upstream",
+        phash_resolution: int = PHASH_RESOLUTION,
+        resample: int = PILImageResampling.BICUBIC,
+        rescale_factor: float = 1 / 255,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.size = dict(size) if size is not None else {"height": 224, "width": 224}
+        self.num_views = int(num_views)
+        self.num_candidate_views = int(num_candidate_views)
+        self.view_selection = view_selection
+        self.task = task
+        self.phash_method = phash_method
+        self.phash_resolution = int(phash_resolution)
+        self.resample = int(resample)
+        self.rescale_factor = float(rescale_factor)
+        self.image_mean = list(image_mean) if image_mean is not None else list(OPENAI_CLIP_MEAN)
+        self.image_std = list(image_std) if image_std is not None else list(OPENAI_CLIP_STD)
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        if set(self.size) != {"height", "width"} or min(self.size.values()) < 1:
+            raise ValueError(f"size must be {{'height': H, 'width': W}} with positive sides, got {self.size}")
+        if self.num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {self.num_views}")
+        if self.num_views - 1 > self.num_candidate_views:
+            raise ValueError(f"{self.num_views} views need at least {self.num_views - 1} candidates")
+        if self.phash_method not in PHASH_METHODS:
+            raise ValueError(f"phash_method must be one of {PHASH_METHODS}, got {self.phash_method!r}")
+
+    @property
+    def candidate_ratios(self) -> tuple[float, ...]:
+        return candidate_ratios(self.num_candidate_views)
+
+    # ------------------------------------------------------------------------------------------ input
+
+    def _regions_per_image(
+        self, images: list[np.ndarray], boxes: Any, masks: Any, normalized_boxes: bool, single: bool
+    ) -> list[np.ndarray]:
+        """The float64 ``[R_i, 4]`` region boxes of each image, validated and widened (views.md §1)."""
+        if (boxes is None) == (masks is None):
+            raise ValueError("pass exactly one of `boxes` or `masks` (one list per image)")
+        per_image = []
+        if boxes is not None:
+            for index, entry in enumerate(_split_per_image(boxes, len(images), single, "boxes", 1)):
+                per_image.append(_as_box_array(entry, f"image {index}"))
+        else:
+            for index, entry in enumerate(_split_per_image(masks, len(images), single, "masks", 2)):
+                entry = np.asarray(entry)
+                entry = entry[None] if entry.ndim == 2 else entry
+                if entry.ndim != 3 or entry.shape[1:] != images[index].shape[:2]:
+                    raise ValueError(
+                        f"image {index}: masks must be [R, H, W] with the image's (H, W) = "
+                        f"{images[index].shape[:2]}, got {entry.shape}"
+                    )
+                per_image.append(_as_box_array([mask_to_box(mask) for mask in entry], f"image {index}"))
+        result = []
+        for index, (image, regions) in enumerate(zip(images, per_image)):
+            height, width = image.shape[:2]
+            if normalized_boxes:
+                regions = regions * np.array([width, height, width, height], dtype=np.float64)
+            result.append(
+                np.array(
+                    [self._checked_box(box, width, height, index, k) for k, box in enumerate(regions)]
+                ).reshape(-1, 4)
+            )
+        return result
+
+    @staticmethod
+    def _checked_box(
+        box: np.ndarray, width: int, height: int, image_index: int, region_index: int
+    ) -> np.ndarray:
+        where = f"image {image_index}, region {region_index} {box.tolist()}"
+        if not np.all(np.isfinite(box)):
+            raise ValueError(f"{where}: box coordinates must be finite (no NaN or inf)")
+        if box[2] < box[0] or box[3] < box[1]:
+            raise ValueError(f"{where}: need x1 <= x2 and y1 <= y2 (boxes are (x1, y1, x2, y2))")
+        box = np.array(widen_degenerate_box(box, width, height))
+        x1, y1, x2, y2 = crop_boxes_from_view_boxes(box, width, height).tolist()
+        if x2 <= x1 or y2 <= y1:
+            raise ValueError(f"{where}: the box covers no pixel of the {width}x{height} image")
+        return box
+
+    # -------------------------------------------------------------------------------------- selection
+
+    def _view_ratios(
+        self,
+        box: np.ndarray,
+        width: int,
+        height: int,
+        view_selection: str | Sequence[float],
+        task: str | None,
+        box_hash,
+        rng: random.Random | None,
+    ) -> list[float]:
+        if not isinstance(view_selection, str):
+            return [0.0, *(float(t) for t in view_selection)]
+        if view_selection == "image_prior":
+            return image_prior_ratios(box_hash, box, width, height, self.num_views, self.candidate_ratios)[0]
+        if view_selection == "random":
+            return random_ratios(self.num_views, self.candidate_ratios, rng)
+        return task_prior_ratios(task, self.num_views)
+
+    def _check_selection(self, view_selection: str | Sequence[float], task: str | None) -> None:
+        if isinstance(view_selection, str):
+            if view_selection not in VIEW_SELECTIONS:
+                raise ValueError(
+                    f"view_selection must be one of {VIEW_SELECTIONS} or a list of t, got {view_selection!r}"
+                )
+            if view_selection == "task" and task not in TASK_PRIOR_RATIOS:
+                raise ValueError(
+                    f"view_selection='task' needs task in {sorted(TASK_PRIOR_RATIOS)}, got {task!r}"
+                )
+            return
+        ratios = [float(t) for t in view_selection]
+        if len(ratios) != self.num_views - 1:
+            raise ValueError(
+                f"give the t of views 1..{self.num_views - 1} ({self.num_views - 1} values), got {ratios}"
+            )
+        if not all(0.0 <= t <= 1.0 for t in ratios):
+            raise ValueError(f"every t must lie in [0, 1], got {ratios}")
+
+    # ---------------------------------------------------------------------------------------- pixels
+
+    def _resized_crop(self, image: Image.Image, crop_box: tuple[int, int, int, int]) -> np.ndarray:
+        crop = image.crop(crop_box)
+        target = (self.size["width"], self.size["height"])
+        if crop.size != target:  # upstream leaves crops of the right size untouched
+            crop = crop.resize(target, resample=self.resample)
+        return np.asarray(crop)
+
+    def _resize_crops(self, jobs: list[tuple[Image.Image, tuple[int, ...]]]) -> list[np.ndarray]:
+        """Resize every distinct crop once; PIL releases the GIL while resizing, so threads run in parallel."""
+        workers = min(len(jobs) // 4, os.cpu_count() or 1, 8)
+        if workers <= 1:
+            return [self._resized_crop(image, box) for image, box in jobs]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda job: self._resized_crop(*job), jobs))
+
+    def _normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 ``[N, H, W, 3]`` -> float32 ``[N, 3, H, W]``: ``x * (1/255)``, minus mean, over std (torchvision order)."""
+        tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(torch.float32)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        return tensor.mul_(self.rescale_factor).sub_(mean).div_(std)
+
+    # ------------------------------------------------------------------------------------------- call
+
+    def __call__(self, images, boxes=None, masks=None, **kwargs) -> BatchFeature:
+        return self.preprocess(images, boxes=boxes, masks=masks, **kwargs)
+
+    def preprocess(
+        self,
+        images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray],
+        boxes: Any = None,
+        masks: Any = None,
+        view_selection: str | Sequence[float] | None = None,
+        task: str | None = None,
+        normalized_boxes: bool = False,
+        seed: int | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        r"""Nested views of every region of one image or a batch of images.
+
+        Args:
+            images: a PIL image or uint8 array, or a list of them.
+            boxes: per image, its region boxes `[R_i, 4]` as `(x1, y1, x2, y2)` in pixels (or fractions of
+                the image size with `normalized_boxes=True`). A single image may take its list of boxes
+                directly. Boxes partly outside the image are kept as given for the view interpolation and
+                clipped to the image for the crops (upstream); boxes at most 1 px wide/high are widened to
+                1 px (upstream's polygon rule, views.md §1).
+            masks: instead of boxes, per image its binary masks `[R_i, H, W]`, reduced to boxes with
+                upstream's rule (first/last row and column holding a mask pixel, inclusive).
+            view_selection: `"image_prior"`, `"random"`, `"task"` or the list of `t` of views 1..V-1;
+                default: the processor's `view_selection`.
+            task: the task prior for `"task"` (`"attributes"`, `"captioning"`).
+            seed: seeds the `"random"` selection (`random.Random(seed)`); `None` uses the global `random`
+                module like upstream.
+            return_tensors: `"pt"` (default) or `"np"`.
+
+        Returns:
+            [`BatchFeature`] with, for the R regions of all images in order (S = size):
+            - `pixel_values` `[R, V, 3, S_h, S_w]` float32;
+            - `view_boxes` `[R, V, 4]` float32: the region box in the pixels of each resized view;
+            - `view_ratios` `[R, V]` float32: the `t` of each view;
+            - `crop_boxes` `[R, V, 4]` int64: the integer crop of each view in the original image;
+            - `region_image_index` `[R]` int64: the image each region belongs to.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        view_selection = self.view_selection if view_selection is None else view_selection
+        task = self.task if task is None else task
+        self._check_selection(view_selection, task)
+        single = _is_single_image(images)
+        if single:
+            images = [images]
+        elif isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
+            raise TypeError(f"images must be an image or a list of images, got {type(images).__name__}")
+        arrays = [to_rgb_array(image) for image in images]
+        regions = self._regions_per_image(arrays, boxes, masks, normalized_boxes, single)
+        rng = random.Random(seed) if seed is not None else None
+
+        out_h, out_w = self.size["height"], self.size["width"]
+        crop_jobs: list[tuple[Image.Image, tuple[int, ...]]] = []
+        pixel_index, all_boxes, all_ratios, all_crops, image_index = [], [], [], [], []
+        for index, (array, image_regions) in enumerate(zip(arrays, regions)):
+            if len(image_regions) == 0:
+                continue
+            height, width = array.shape[:2]
+            pil_image = Image.fromarray(array)
+            box_hash = self._box_hash(array, pil_image, view_selection)
+            crop_slot: dict[tuple[int, ...], int] = {}  # identical crops are resized once
+            for box in image_regions:
+                ratios = self._view_ratios(box, width, height, view_selection, task, box_hash, rng)
+                crop_boxes = crop_boxes_from_view_boxes(view_boxes(box, ratios, width, height), width, height)
+                for crop_box in map(tuple, crop_boxes.tolist()):
+                    if crop_box not in crop_slot:
+                        crop_slot[crop_box] = len(crop_jobs)
+                        crop_jobs.append((pil_image, crop_box))
+                pixel_index.append([crop_slot[tuple(c)] for c in crop_boxes.tolist()])
+                all_boxes.append(target_boxes_in_views(crop_boxes[0], crop_boxes, out_h, out_w))
+                all_ratios.append(ratios)
+                all_crops.append(crop_boxes)
+                image_index.append(index)
+
+        num_views = self.num_views
+        if crop_jobs:
+            crops = self._resize_crops(crop_jobs)
+            pixels = self._normalize(np.stack(crops)[np.array(pixel_index).reshape(-1)])
+            pixels = pixels.view(-1, num_views, 3, out_h, out_w)
+        else:
+            pixels = torch.zeros((0, num_views, 3, out_h, out_w))
+        data = {
+            "pixel_values": pixels,
+            "view_boxes": torch.from_numpy(np.array(all_boxes, dtype=np.float32).reshape(-1, num_views, 4)),
+            "view_ratios": torch.tensor(all_ratios, dtype=torch.float32).reshape(-1, num_views),
+            "crop_boxes": torch.from_numpy(np.array(all_crops, dtype=np.int64).reshape(-1, num_views, 4)),
+            "region_image_index": torch.tensor(image_index, dtype=torch.int64),
+        }
+        if return_tensors == "np":
+            data = {key: value.numpy() for key, value in data.items()}
+        return BatchFeature(data=data)
+
+    def _box_hash(self, array: np.ndarray, pil_image: Image.Image, view_selection):
+        """The box -> hash function of the image prior, or None when no pHash is needed."""
+        if view_selection != "image_prior":
+            return None
+        height, width = array.shape[:2]
+        limits = np.array([width, height, width, height], dtype=np.float32)
+        if self.phash_method == "imagehash":
+            return partial(standard_phash, pil_image)
+        grey = rgb_to_grey(array)  # once per image
+        hashes: dict[tuple[int, ...], np.ndarray] = {}  # e.g. t = 1 is the whole image for every region
+
+        def box_hash(box: np.ndarray) -> np.ndarray:
+            # Upstream slices with the unclipped box: identical to clipping except for coordinates <= -1,
+            # which NumPy would wrap around to the far side of the image; those are clipped here.
+            box = np.clip(box, 0, limits)
+            key = tuple(box.astype(np.int64).tolist())
+            if key not in hashes:
+                hashes[key] = region_phash(grey, box, self.phash_resolution)
+            return hashes[key]
+
+        return box_hash

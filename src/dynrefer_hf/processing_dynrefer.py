@@ -1,0 +1,123 @@
+"""DynReferProcessor: the image processor (nested views) plus the tokenizer (control prompts, captions)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import BatchFeature, ProcessorMixin
+
+from .prompts import CONTROL_SEPARATOR, format_control_prompt
+
+__all__ = ["DynReferProcessor"]
+
+
+def _control_words(control: str | Sequence[str]) -> list[str]:
+    """A region's control words: a list of words, or one string of comma-separated words."""
+    if isinstance(control, str):
+        control = control.split(CONTROL_SEPARATOR)
+    words = [str(word).strip() for word in control]
+    return [word for word in words if word]
+
+
+class DynReferProcessor(ProcessorMixin):
+    r"""Wraps a [`DynReferImageProcessor`] and a T5 tokenizer into one processor.
+
+    The image processor builds the nested views of every region; the tokenizer encodes the control
+    prompt of each region in upstream's `"w1,w2|"` format (model.md §11-§12) and, for training, its
+    caption as `labels` (padded with -100).
+
+    Args:
+        image_processor ([`DynReferImageProcessor`]): the view builder.
+        tokenizer ([`T5TokenizerFast`]): Flan-T5's tokenizer or one with the same conventions (EOS appended).
+        max_text_length (`int`, *optional*, defaults to 32): truncation length of prompts and captions
+            (upstream `max_txt_len`).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, max_text_length: int = 32, **kwargs):
+        self.max_text_length = int(max_text_length)
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(
+        self,
+        images: Any = None,
+        boxes: Any = None,
+        masks: Any = None,
+        controls: Sequence[str | Sequence[str]] | None = None,
+        text: Sequence[str] | None = None,
+        return_tensors: str = "pt",
+        **image_kwargs,
+    ) -> BatchFeature:
+        r"""Views of every region, and optionally its control prompt and caption labels.
+
+        Args:
+            images, boxes, masks: as [`DynReferImageProcessor.__call__`]; further keyword arguments
+                (`view_selection`, `task`, `normalized_boxes`, `seed`) go to the image processor.
+            controls (*optional*): one entry per region (all images, in order): a list of control words or
+                a string of comma-separated words; `[]` or `""` gives the empty prompt `"|"`. `None`: no
+                prompt is encoded (the model then builds it from its predicted tags).
+            text (*optional*): one caption per region, encoded as `labels` for training.
+            return_tensors: `"pt"` (default) or `"np"`.
+
+        Returns:
+            [`BatchFeature`] with the image processor's keys, plus `input_ids` and `attention_mask` `[R, T]`
+            when `controls` is given, and `labels` `[R, L]` (L <= `max_text_length`, pad = -100, EOS
+            appended) with their `decoder_attention_mask` `[R, L]` when `text` is given (upstream passes
+            the caption mask as the decoder attention mask).
+        """
+        if images is None:
+            raise ValueError("DynReferProcessor needs `images` (with `boxes` or `masks`)")
+        features = self.image_processor(images, boxes=boxes, masks=masks, return_tensors="pt", **image_kwargs)
+        num_regions = features["region_image_index"].shape[0]
+        data = dict(features)
+        if controls is not None:
+            prompts = [
+                format_control_prompt(_control_words(control))
+                for control in self._per_region(controls, num_regions, "controls")
+            ]
+            encoded = self._tokenize(prompts)
+            data["input_ids"], data["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
+        if text is not None:
+            captions = self._per_region(text, num_regions, "text")
+            if not all(isinstance(caption, str) for caption in captions):
+                raise ValueError("text must hold one caption string per region")
+            encoded = self._tokenize(captions)
+            data["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+            data["decoder_attention_mask"] = encoded["attention_mask"]
+        if return_tensors == "np":
+            data = {key: value.numpy() for key, value in data.items()}
+        elif return_tensors != "pt":
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        return BatchFeature(data=data)
+
+    @staticmethod
+    def _per_region(values: Any, num_regions: int, name: str) -> list:
+        if isinstance(values, str):
+            values = [values]
+        values = list(values)
+        if len(values) != num_regions:
+            raise ValueError(
+                f"{name} must hold one entry per region: got {len(values)} for {num_regions} regions"
+            )
+        return values
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if not texts:
+            empty = torch.zeros((0, 0), dtype=torch.int64)
+            return {"input_ids": empty, "attention_mask": empty.clone()}
+        return self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        )
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """Decode generated token ids to captions (special tokens skipped by default, as upstream)."""
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
+        """Decode one sequence of token ids (special tokens skipped by default)."""
+        return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "view_boxes", "input_ids", "attention_mask"]
