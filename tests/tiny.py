@@ -29,3 +29,125 @@ def make_tiny_tokenizer():
     import copy
 
     return copy.deepcopy(_tiny_tokenizer())
+
+
+TINY_TAGS = ("person", "dog", "grass", "horse", "beach", "man", "car", "tree", "road", "sky", "cat", "table")
+TINY_ATTRIBUTES = {"color:red": ("the red", "the  is red"), "color:blue": ("the blue",), "size:small": ("the small", "the  is small", "the tiny")}
+TINY_CLASSES = ("person", "dog", "car", "cat", "horse")
+
+
+def make_tiny_config(**overrides):
+    """A DynReferConfig small enough for CPU tests.
+
+    2-layer ViT of width 64 on 56 px images (patch 14 -> 4x4 RoI maps), 2-layer Q-Former (width 32, 4 queries),
+    2+2-layer T5 over the tiny tokenizer's vocabulary, 2-layer label heads of width 32, 12 tags, 3 attribute
+    groups (6 prompts), 5 classes, text embeddings of width 32. Keyword arguments override any field
+    (sub-configs as dicts or config objects).
+    """
+    from dynrefer_hf.configuration_dynrefer import DynReferConfig
+
+    vocab_size = len(make_tiny_tokenizer())
+    fields = {
+        "vision_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 56,
+            "patch_size": 14,
+            "initializer_range": 0.02,
+        },
+        "qformer_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "cross_attention_frequency": 2,
+        },
+        "text_config": {
+            "model_type": "t5",
+            "vocab_size": vocab_size,
+            "d_model": 32,
+            "d_kv": 8,
+            "d_ff": 64,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 4,
+            "feed_forward_proj": "gated-gelu",
+            "dense_act_fn": "gelu",
+            "tie_word_embeddings": False,
+            "decoder_start_token_id": 0,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+        },
+        "num_query_tokens": 4,
+        "head_hidden_size": 32,
+        "head_num_attention_heads": 4,
+        "head_intermediate_size": 64,
+        "text_embed_dim": 32,
+        "tag_names": list(TINY_TAGS),
+        "attribute_names": list(TINY_ATTRIBUTES),
+        "attribute_group_sizes": [len(prompts) for prompts in TINY_ATTRIBUTES.values()],
+        "attribute_prompts": [prompt for prompts in TINY_ATTRIBUTES.values() for prompt in prompts],
+        "class_names": list(TINY_CLASSES),
+        "class_prompts": [f"the {name}" for name in TINY_CLASSES],
+    }
+    fields.update(overrides)
+    return DynReferConfig(**fields)
+
+
+def make_tiny_model(seed: int = 0, **overrides):
+    """A randomly initialised tiny DynReferForRegionCaptioning (eval mode), reproducible from ``seed``."""
+    import torch
+
+    from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning
+
+    torch.manual_seed(seed)
+    return DynReferForRegionCaptioning(make_tiny_config(**overrides)).eval()
+
+
+def make_varied_tiny_model(seed: int = 0, **overrides):
+    """``make_tiny_model`` with every weight matrix redrawn from N(0, 9 / fan_in) and random label tables.
+
+    At the default initialisation every region gets nearly the same tags, caption and scores; these
+    wider weights and distinct tag/attribute/class embeddings make the outputs differ from region to
+    region and from label to label, so tests can tell them apart.
+    """
+    import torch
+
+    model = make_tiny_model(seed, **overrides)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                fan_in = parameter.shape[-1]
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (3.0 / fan_in**0.5))
+        for table in (model.clip_embeds, model.att_embeds, model.ov_embeds):
+            table.copy_(torch.randn(table.shape, generator=generator))
+    return model
+
+
+def save_tiny_region_captioner(folder, seed: int = 0):
+    """Save a varied tiny model, the tiny tokenizer and a matching image processor to ``folder``.
+
+    The folder loads with ``pipeline("region-captioning", model=folder)`` and ``dynrefer caption --model``.
+    """
+    from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
+
+    model = make_varied_tiny_model(seed)
+    image_size = model.config.vision_config.image_size
+    model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    DynReferImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_clip_tokenizer():
+    """A byte-level CLIP BPE tokenizer without merges: 256 bytes, the same 256 ending a word (``</w>``),
+    then ``<|startoftext|>`` (512) and ``<|endoftext|>`` (513), the highest ids as in OpenAI's vocabulary."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    pieces = alphabet + [char + "</w>" for char in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={piece: index for index, piece in enumerate(pieces)}, merges=[])

@@ -1,0 +1,1067 @@
+"""DynRefer region captioning as a native Transformers model (model.md §1-§16).
+
+R regions, each seen through V nested views, go through a BLIP-2 vision tower; the patch tokens of every
+view are RoI-aligned to the target box, views 1..V-1 are aligned to view 0 by a DCNv4-style module, the
+views are fused by an MLP, a Q-Former turns the fused tokens into region queries, and those feed the
+language model (with a control prompt) and three label heads (tags, attributes, open-vocabulary classes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    CLIPTextModelWithProjection,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
+from transformers.utils import ModelOutput
+
+from .configuration_dynrefer import DynReferConfig
+from .ops import offset_resample, roi_align
+from .prompts import format_control_prompt, merge_control_words
+
+__all__ = [
+    "DynReferForRegionCaptioning",
+    "DynReferLabelHead",
+    "DynReferOutput",
+    "DynReferPreTrainedModel",
+    "DynReferRegionAlign",
+    "asymmetric_loss",
+    "sigmoid_contrastive_loss",
+]
+
+
+@dataclass
+class DynReferOutput(ModelOutput):
+    """Output of [`DynReferForRegionCaptioning.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): `loss_llm + loss_tag + loss_att` over the parts that got targets.
+        loss_llm (`torch.FloatTensor` of shape `()`): token-mean caption cross-entropy (model.md §11).
+        loss_tag (`torch.FloatTensor` of shape `()`): summed asymmetric tag loss times `tag_loss_weight` (§7).
+        loss_att (`torch.FloatTensor` of shape `()`): sigmoid region-caption loss times `attr_loss_weight` (§8).
+        logits (`torch.FloatTensor` of shape `(R, L, vocab)`): language-model logits (only with `labels`).
+        tag_logits (`torch.FloatTensor` of shape `(R, num_tags)`): tag logits (bf16-rounded when
+            `config.quantize_head_outputs`).
+        contrastive_logits (`torch.FloatTensor` of shape `(R, N)`): `s * exp(attr_t) + attr_b` of every local
+            region against the captions of all ranks (N = R x world size; only with `caption_embeds`).
+        region_queries (`torch.FloatTensor` of shape `(R, num_query_tokens, qformer hidden)`): Q-Former output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_llm: torch.FloatTensor | None = None
+    loss_tag: torch.FloatTensor | None = None
+    loss_att: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    tag_logits: torch.FloatTensor | None = None
+    contrastive_logits: torch.FloatTensor | None = None
+    region_queries: torch.FloatTensor | None = None
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+def asymmetric_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    gamma_neg: float = 7.0,
+    gamma_pos: float = 0.0,
+    clip: float = 0.05,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Asymmetric loss of RAM (model.md §7), **summed** over all entries; focal weights carry no gradient.
+
+    Args:
+        logits: `[R, T]` tag logits. targets: `[R, T]` multi-hot 0/1.
+    """
+    logits = logits.float()
+    targets = targets.to(logits.dtype)
+    prob = torch.sigmoid(logits)
+    prob_neg = (1 - prob + clip).clamp(max=1) if clip > 0 else 1 - prob
+    log_likelihood = targets * torch.log(prob.clamp(min=eps)) + (1 - targets) * torch.log(
+        prob_neg.clamp(min=eps)
+    )
+    with torch.no_grad():
+        prob_target = prob * targets + prob_neg * (1 - targets)
+        gamma = gamma_pos * targets + gamma_neg * (1 - targets)
+        weight = torch.pow(1 - prob_target, gamma)
+    return -(log_likelihood * weight).sum()
+
+
+def sigmoid_contrastive_loss(logits: torch.Tensor, rank: int = 0) -> torch.Tensor:
+    """SigLIP-style loss of one direction (model.md §8): `-sum(logsigmoid(label * logits)) / bs`.
+
+    Args:
+        logits: `[bs, N]`, row i = local item i against all N gathered items; the positive of row i is
+            column `rank * bs + i`, every other entry is a negative.
+    """
+    batch = logits.shape[0]
+    labels = -torch.ones_like(logits)
+    columns = torch.arange(batch, device=logits.device) + rank * batch
+    labels[torch.arange(batch, device=logits.device), columns] = 1
+    return -F.logsigmoid(labels * logits).sum() / batch
+
+
+def _gather_keep_local_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather over ranks (dim 0); this rank's slice is the input itself, so it keeps its gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    rank = dist.get_rank()
+    parts[rank] = tensor
+    return torch.cat(parts), rank
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+class DynReferRegionAlign(nn.Module):
+    """Cross-view alignment with DCNv4 semantics (upstream `CustomDCNv4`, model.md §4).
+
+    The moving view's values are resampled at offsets and with raw modulation masks predicted, per position,
+    from a grouped depthwise conv over `[moving | reference]` channels. `offset_mask` starts at zero, so the
+    output is exactly zero at initialisation.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        group: int = 4,
+        kernel_size: int = 3,
+        offset_scale: float = 1.0,
+        dw_kernel_size: int = 3,
+    ):
+        super().__init__()
+        if channels % group:
+            raise ValueError(f"channels ({channels}) must be divisible by group ({group})")
+        self.channels = channels
+        self.group = group
+        self.kernel_size = kernel_size
+        self.offset_scale = offset_scale
+        # groups=channels: output channel c reads input channels 2c and 2c+1 of the concatenation (§4.3).
+        self.offset_mask_dw = nn.Conv2d(
+            2 * channels,
+            channels,
+            dw_kernel_size,
+            stride=1,
+            padding=(dw_kernel_size - 1) // 2,
+            groups=channels,
+        )
+        self.offset_mask = nn.Linear(channels, math.ceil(group * kernel_size**2 * 3 / 8) * 8)
+        self.value_proj = nn.Linear(channels, channels)
+        self.output_proj = nn.Linear(channels, channels)
+
+    def forward(self, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Align `moving` `[N, C, H, W]` to `reference` `[N, C, H, W]`; returns `[N, C, H, W]`."""
+        value = self.value_proj(moving.permute(0, 2, 3, 1))  # [N, H, W, C]
+        guide = self.offset_mask_dw(torch.cat([moving, reference], dim=1))  # moving first (§4.3)
+        offset_mask = self.offset_mask(guide.permute(0, 2, 3, 1))  # [N, H, W, 112]
+        sampled = offset_resample(
+            value,
+            offset_mask.to(value.dtype),
+            kernel_size=self.kernel_size,
+            stride=1,
+            padding=(self.kernel_size - 1) // 2,
+            dilation=1,
+            group=self.group,
+            offset_scale=self.offset_scale,
+        )
+        return self.output_proj(sampled).permute(0, 3, 1, 2)
+
+
+class DynReferCrossAttention(nn.Module):
+    """BERT cross-attention (`crossattention.self`): queries from the labels, keys/values from the region."""
+
+    def __init__(self, config: DynReferConfig):
+        super().__init__()
+        hidden = config.head_hidden_size
+        self.num_heads = config.head_num_attention_heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.dropout = config.head_dropout
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = states.shape
+        return states.view(batch, length, self.num_heads, hidden // self.num_heads).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        query = self._split_heads(self.query(hidden_states))
+        key = self._split_heads(self.key(memory))
+        value = self._split_heads(self.value(memory))
+        context = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=self.dropout if self.training else 0.0
+        )  # the memory mask is all ones upstream, so none is passed
+        return context.transpose(1, 2).flatten(2)
+
+
+class DynReferResidualOutput(nn.Module):
+    """`LayerNorm(residual + dropout(dense(x)))`, BERT's post-LN output block."""
+
+    def __init__(self, config: DynReferConfig, in_features: int):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.head_hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.head_hidden_size, eps=config.head_layer_norm_eps)
+        self.dropout = nn.Dropout(config.head_dropout)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(hidden_states)))
+
+
+class DynReferCrossAttentionBlock(nn.Module):
+    def __init__(self, config: DynReferConfig):
+        super().__init__()
+        self.self = DynReferCrossAttention(config)
+        self.output = DynReferResidualOutput(config, config.head_hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(hidden_states, memory), hidden_states)
+
+
+class DynReferIntermediate(nn.Module):
+    def __init__(self, config: DynReferConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.head_hidden_size, config.head_intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.head_hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class DynReferLabelHeadLayer(GradientCheckpointingLayer):
+    """One layer of the label head: cross-attention then FFN, no self-attention (model.md §7)."""
+
+    def __init__(self, config: DynReferConfig):
+        super().__init__()
+        self.crossattention = DynReferCrossAttentionBlock(config)
+        self.intermediate = DynReferIntermediate(config)
+        self.output = DynReferResidualOutput(config, config.head_intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        attended = self.crossattention(hidden_states, memory)
+        return self.output(self.intermediate(attended), attended)
+
+
+class DynReferLabelEncoder(nn.Module):
+    def __init__(self, config: DynReferConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([DynReferLabelHeadLayer(config) for _ in range(config.head_num_layers)])
+
+    def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, memory)
+        return hidden_states
+
+
+class DynReferLabelHead(nn.Module):
+    """Cross-attention-only BERT shared by the tag and attribute heads (RAM's tagging head, model.md §7).
+
+    `forward(labels [B, M, H], memory [B, Q, H]) -> [B, M, H]`: each label embedding attends to the region's
+    projected queries.
+    """
+
+    def __init__(self, config: DynReferConfig):
+        super().__init__()
+        self.encoder = DynReferLabelEncoder(config)
+
+    def forward(self, label_embeds: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.encoder(label_embeds, memory)
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+class DynReferPreTrainedModel(PreTrainedModel):
+    config_class = DynReferConfig
+    config: DynReferConfig
+    base_model_prefix = "dynrefer"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _supports_flash_attn = False  # the BLIP-2 Q-Former does not support it
+    _no_split_modules = [  # noqa: RUF012 (HF class attribute)
+        "Blip2EncoderLayer",
+        "Blip2QFormerLayer",
+        "Blip2VisionEmbeddings",
+        "DynReferRegionAlign",
+        "DynReferLabelHeadLayer",
+    ]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # Everything DynRefer-specific is set from the root: HF skips modules without direct parameters
+        # (such as DynReferRegionAlign) in models defined outside transformers.
+        if isinstance(module, DynReferForRegionCaptioning):
+            align = module.cvem_align
+            # upstream CustomDCNv4._reset_parameters; the depthwise conv keeps PyTorch's default init
+            init.zeros_(align.offset_mask.weight)
+            init.zeros_(align.offset_mask.bias)
+            for linear in (align.value_proj, align.output_proj):
+                init.xavier_uniform_(linear.weight)
+                init.zeros_(linear.bias)
+            _torch_default_init(align.offset_mask_dw)
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.qformer_config.initializer_range)
+            init.zeros_(module.cem_memory)
+            init.constant_(module.attr_t, self.config.attr_logit_scale_init)
+            init.constant_(module.attr_b, self.config.attr_logit_bias_init)
+            # upstream builds these as plain nn.Linear: PyTorch's default init
+            for layer in (
+                module.language_projection,
+                module.cvem_mlp[0],
+                module.cvem_mlp[2],
+                module.tag_vision_proj,
+                module.tag_text_proj,
+                module.tag_fc,
+                module.attr_vision_proj,
+                module.attr_text_proj,
+                module.attr_fc,
+            ):
+                _torch_default_init(layer)
+            # placeholders until a converted checkpoint or `set_vocabulary` fills the tables
+            for name in ("clip_embeds", "att_embeds", "ov_embeds"):
+                init.normal_(getattr(module, name), mean=0.0, std=1.0)
+
+
+def _torch_default_init(module: nn.Linear | nn.Conv2d) -> None:
+    """`reset_parameters()` of nn.Linear / nn.Conv2d, through the HF init functions (they skip loaded weights)."""
+    init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    if module.bias is not None:
+        fan_in = module.weight[0].numel()
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        init.uniform_(module.bias, -bound, bound)
+
+
+class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
+    """DynRefer: region captions, tags, attribute scores and open-vocabulary class scores (model.md).
+
+    Inputs are the processor's nested views: `pixel_values [R, V, 3, S, S]` and the target box inside every
+    view, `view_boxes [R, V, 4]` (x1, y1, x2, y2 in view pixels).
+    """
+
+    def __init__(self, config: DynReferConfig):
+        super().__init__(config)
+        vision_width = config.vision_config.hidden_size
+        qformer_width = config.qformer_config.hidden_size
+        head_width = config.head_hidden_size
+
+        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        # upstream's ln_vision uses PyTorch's default eps 1e-5, not the ViT blocks' 1e-6 (model.md §2)
+        self.vision_model.post_layernorm.eps = config.ln_vision_eps
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_width))
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        if config.use_decoder_only_language_model:
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            self.language_model = AutoModelForSeq2SeqLM.from_config(config.text_config)
+        if getattr(self.language_model.config, "scale_decoder_outputs", True) is False:
+            self._untie_t5_lm_head()
+        lm_width = self.language_model.get_input_embeddings().embedding_dim
+        self.language_projection = nn.Linear(qformer_width, lm_width)
+
+        self.cvem_align = DynReferRegionAlign(
+            vision_width,
+            group=config.align_group,
+            kernel_size=config.align_kernel_size,
+            offset_scale=config.align_offset_scale,
+            dw_kernel_size=config.align_dw_kernel_size,
+        )
+        self.cvem_mlp = nn.Sequential(
+            nn.Linear(vision_width * config.num_views, vision_width),
+            nn.ReLU(),
+            nn.Linear(vision_width, vision_width),
+        )
+        self.cem_memory = nn.Parameter(torch.zeros(lm_width))
+
+        self.tag_head = DynReferLabelHead(config)
+        self.tag_vision_proj = nn.Linear(qformer_width, head_width)
+        self.tag_text_proj = nn.Linear(config.text_embed_dim, head_width)
+        self.tag_fc = nn.Linear(head_width, 1)
+        self.attr_head = DynReferLabelHead(config)
+        self.attr_vision_proj = nn.Linear(qformer_width, head_width)
+        self.attr_text_proj = nn.Linear(config.text_embed_dim, head_width)
+        self.attr_fc = nn.Linear(head_width, 1)
+        self.attr_t = nn.Parameter(torch.tensor(config.attr_logit_scale_init))
+        self.attr_b = nn.Parameter(torch.tensor(config.attr_logit_bias_init))
+
+        self.text_encoder = (
+            CLIPTextModelWithProjection._from_config(config.text_encoder_config)
+            if config.text_encoder_config is not None
+            else None
+        )
+        self.register_buffer("clip_embeds", torch.zeros(config.num_tags, config.text_embed_dim))
+        self.register_buffer("att_embeds", torch.zeros(config.num_attribute_prompts, config.text_embed_dim))
+        self.register_buffer("ov_embeds", torch.zeros(config.num_classes, config.text_embed_dim))
+
+        self.post_init()
+        self.generation_config = config.released_generation_config()
+        self.set_trainable(config.trainable_modules)
+
+    # ------------------------------------------------------------------ HF plumbing
+
+    def _untie_t5_lm_head(self) -> None:
+        """T5 v1.1 / Flan-T5 have an lm_head of their own (model.md §11), but transformers 5 ties every T5
+        lm_head to the shared embedding; keep only the input-embedding ties."""
+        language_model = self.language_model
+        language_model._tied_weights_keys = {
+            target: source
+            for target, source in language_model._tied_weights_keys.items()
+            if not target.startswith("lm_head")
+        }
+        language_model.all_tied_weights_keys = language_model.get_expanded_tied_weights_keys(
+            all_submodels=False
+        )
+        lm_head = language_model.get_output_embeddings()
+        lm_head.weight = nn.Parameter(lm_head.weight.detach().clone())
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.set_trainable()  # loading swaps in new Parameters, which resets requires_grad
+        return loaded
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def set_trainable(self, modules: Sequence[str] | None = None) -> None:
+        """Freeze everything except the named top-level modules/parameters (model.md §14).
+
+        `modules=None` uses `config.trainable_modules` (default: Q-Former, projection, alignment, fusion MLP,
+        `cem_memory` and the tag/attribute heads; the ViT, `query_tokens`, the LM and the text encoder stay
+        frozen). The choice is stored in the config, so it survives `save_pretrained`.
+        """
+        modules = list(self.config.trainable_modules if modules is None else modules)
+        known = {name for name, _ in self.named_children()} | {
+            name for name, _ in self.named_parameters(recurse=False)
+        }
+        unknown = sorted(set(modules) - known)
+        if unknown:
+            raise ValueError(f"unknown trainable modules {unknown}; choose from {sorted(known)}")
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(name.split(".", 1)[0] in modules)
+        self.config.trainable_modules = modules
+
+    def to_upstream_precision(self) -> DynReferForRegionCaptioning:
+        """Cast the language model to bfloat16 as upstream does (model.md §11, §15); other weights stay fp32.
+
+        With `config.upstream_precision` on a CUDA device this reproduces upstream's numerics: ViT under fp16
+        autocast with fp32 weights, heads under bf16 autocast, the LM with bf16 weights and fp32 inputs.
+        """
+        self.language_model.to(torch.bfloat16)
+        wrong = [name for name, p in self.language_model.named_parameters() if p.dtype != torch.bfloat16]
+        if wrong:
+            raise RuntimeError(f"language-model parameters left out of bfloat16: {wrong[:5]}")
+        return self
+
+    def _uses_autocast(self, device: torch.device) -> bool:
+        """Upstream's `maybe_autocast` condition: on CUDA, and only with `config.upstream_precision`."""
+        return self.config.upstream_precision and device.type == "cuda"
+
+    def _autocast(self, device: torch.device, dtype: torch.dtype):
+        if self._uses_autocast(device):
+            return torch.autocast(device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_views(self, pixel_values: torch.Tensor, view_boxes: torch.Tensor) -> None:
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
+            shape = (
+                list(pixel_values.shape)
+                if isinstance(pixel_values, torch.Tensor)
+                else type(pixel_values).__name__
+            )
+            raise ValueError(
+                f"pixel_values must be [R, V, 3, H, W] (regions, views, channels, height, width), got {shape}"
+            )
+        regions, views, channels, height, width = pixel_values.shape
+        size = self.config.vision_config.image_size
+        if views != self.config.num_views:
+            raise ValueError(
+                f"pixel_values has {views} views per region but config.num_views is {self.config.num_views}"
+            )
+        if channels != 3 or height != size or width != size:
+            raise ValueError(f"each view must be [3, {size}, {size}], got {[channels, height, width]}")
+        if regions == 0:
+            raise ValueError("pixel_values holds no regions (R = 0)")
+        if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values must be floating point and free of NaN/inf")
+        if not isinstance(view_boxes, torch.Tensor) or tuple(view_boxes.shape) != (regions, views, 4):
+            shape = (
+                list(view_boxes.shape) if isinstance(view_boxes, torch.Tensor) else type(view_boxes).__name__
+            )
+            raise ValueError(
+                f"view_boxes must be [R, V, 4] = [{regions}, {views}, 4] (x1, y1, x2, y2), got {shape}"
+            )
+        if not view_boxes.is_floating_point() or not bool(torch.isfinite(view_boxes).all()):
+            raise ValueError("view_boxes must be floating point and free of NaN/inf")
+        if bool((view_boxes[..., 2:] < view_boxes[..., :2]).any()):
+            raise ValueError("view_boxes must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1")
+
+    @staticmethod
+    def _check_rows(name: str, tensor: torch.Tensor | None, regions: int, width: int | None = None) -> None:
+        if tensor is None:
+            return
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.shape[0] != regions:
+            shape = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(
+                f"{name} must be [R={regions}, {width if width is not None else 'T'}], got {shape}"
+            )
+        if width is not None and tensor.shape[1] != width:
+            raise ValueError(f"{name} must have {width} columns, got {tensor.shape[1]}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains NaN/inf")
+
+    # ------------------------------------------------------------------ visual path
+
+    def fuse_views(self, embeds: torch.Tensor, view_boxes: torch.Tensor) -> torch.Tensor:
+        """RoI-Align, cross-view alignment and fusion (model.md §3-§5).
+
+        Args:
+            embeds: `[R*V, 1 + P*P, D]` ViT tokens after `ln_vision`, index `r*V + v`.
+            view_boxes: `[R, V, 4]` target box in every view's pixels.
+        Returns:
+            `[R, 1 + S*S, D]` fused visual tokens, `S = config.roi_output_size`.
+        """
+        regions, views = view_boxes.shape[:2]
+        cls_tokens, patches = embeds[:, :1], embeds[:, 1:]
+        grid = math.isqrt(patches.shape[1])
+        if grid * grid != patches.shape[1]:
+            raise ValueError(f"the vision tower gave {patches.shape[1]} patch tokens, not a square grid")
+        width = embeds.shape[-1]
+        maps = patches.transpose(1, 2).reshape(regions * views, width, grid, grid)
+        # box k is applied to image k (each view has its own box)
+        image_index = torch.arange(regions * views, device=maps.device, dtype=maps.dtype)
+        rois = torch.cat([image_index[:, None], view_boxes.reshape(-1, 4).to(maps.dtype)], dim=1)
+        roi_maps = roi_align(
+            maps,
+            rois,
+            self.config.roi_output_size,
+            spatial_scale=self.config.roi_spatial_scale,
+            sampling_ratio=self.config.roi_sampling_ratio,
+            aligned=self.config.roi_aligned,
+        )
+        size = roi_maps.shape[-1]
+        roi_maps = roi_maps.view(regions, views, width, size, size)
+        if views > 1:
+            # view-major: all regions of view 1, then of view 2, ...; each aligned to view 0 of its region
+            moving = roi_maps[:, 1:].transpose(0, 1).reshape(-1, width, size, size)
+            reference = roi_maps[:, 0].repeat(views - 1, 1, 1, 1)
+            aligned = self.cvem_align(moving, reference).to(roi_maps.dtype)
+            aligned = aligned.view(views - 1, regions, width, size, size).transpose(0, 1)
+            roi_maps = torch.cat([roi_maps[:, :1], aligned], dim=1)
+        tokens = roi_maps.flatten(3).transpose(2, 3)  # [R, V, S*S, D], row-major cells
+        sequences = torch.cat([cls_tokens.reshape(regions, views, 1, width).to(tokens.dtype), tokens], dim=2)
+        fused = sequences.permute(0, 2, 1, 3).reshape(
+            regions, 1 + size * size, views * width
+        )  # [v0 | v1 | v2]
+        return self.cvem_mlp(fused)
+
+    def get_region_queries(self, pixel_values: torch.Tensor, view_boxes: torch.Tensor) -> torch.Tensor:
+        """Views -> region queries `Q` `[R, num_query_tokens, qformer hidden]` (model.md §2-§6)."""
+        self._check_views(pixel_values, view_boxes)
+        return self._region_queries(pixel_values, view_boxes)
+
+    def _region_queries(self, pixel_values: torch.Tensor, view_boxes: torch.Tensor) -> torch.Tensor:
+        regions = pixel_values.shape[0]
+        images = pixel_values.flatten(0, 1)  # index r*V + v
+        # the frozen ViT needs no graph
+        vision_trainable = any(p.requires_grad for p in self.vision_model.parameters())
+        with (
+            torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable),
+            self._autocast(images.device, torch.float16),
+        ):
+            embeds = self.vision_model(pixel_values=images).last_hidden_state
+        embeds = embeds.to(self.cvem_mlp[0].weight.dtype)
+        visual_embeds = self.fuse_views(embeds, view_boxes)
+        query_tokens = self.query_tokens.expand(regions, -1, -1)
+        # the encoder mask is all ones upstream, i.e. no mask
+        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=visual_embeds).last_hidden_state
+
+    # ------------------------------------------------------------------ heads
+
+    @staticmethod
+    def _label_scores(
+        head: DynReferLabelHead,
+        vision_proj: nn.Linear,
+        text_proj: nn.Linear,
+        fc: nn.Linear,
+        text_embeds: torch.Tensor,
+        region_queries: torch.Tensor,
+        normalize: bool,
+    ) -> torch.Tensor:
+        """Score M label embeddings `[M, E]` against B regions `[B, Q, Hq]` -> `[B, M]` (model.md §7-§9)."""
+        memory = vision_proj(region_queries)
+        labels = text_proj(text_embeds.to(text_proj.weight.dtype))
+        hidden = head(labels.unsqueeze(0).expand(memory.shape[0], -1, -1), memory)
+        if normalize:
+            hidden = F.normalize(hidden, dim=-1)
+        return fc(hidden).squeeze(-1)
+
+    def _quantize(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Upstream computes the heads under bf16 autocast; round to bf16 so scores match (§7-§9)."""
+        if self.config.quantize_head_outputs:
+            return tensor.to(torch.bfloat16)
+        return tensor
+
+    def tag_logits(self, region_queries: torch.Tensor) -> torch.Tensor:
+        """Tag logits `[R, num_tags]` (model.md §7), not rounded."""
+        with self._autocast(region_queries.device, torch.bfloat16):
+            return self._label_scores(
+                self.tag_head,
+                self.tag_vision_proj,
+                self.tag_text_proj,
+                self.tag_fc,
+                self.clip_embeds,
+                region_queries,
+                normalize=False,
+            )
+
+    def attribute_similarity(self, region_queries: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """The attribute head's raw score `s` of every region against every text embedding: `[R, M]` (§8)."""
+        with self._autocast(region_queries.device, torch.bfloat16):
+            return self._label_scores(
+                self.attr_head,
+                self.attr_vision_proj,
+                self.attr_text_proj,
+                self.attr_fc,
+                text_embeds,
+                region_queries,
+                normalize=True,
+            )
+
+    def predict_labels(
+        self, region_queries: torch.Tensor, tag_threshold: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inference outputs of the three heads (model.md §7-§9).
+
+        Returns:
+            tag_logits `[R, num_tags]`, tag_mask `[R, num_tags]` (sigmoid > threshold), attribute_scores
+            `[R, num_attributes]` (max sigmoid over each attribute's prompts), class_scores `[R, num_classes]`
+            (raw scores). With `config.quantize_head_outputs` all are bf16-rounded as upstream, and the threshold
+            test happens in bf16 too; the returned tensors are float32.
+        """
+        threshold = self.config.tag_threshold if tag_threshold is None else tag_threshold
+        tag_logits = self._quantize(self.tag_logits(region_queries))
+        tag_mask = torch.sigmoid(tag_logits) > threshold
+        attribute_probs = torch.sigmoid(
+            self._quantize(self.attribute_similarity(region_queries, self.att_embeds))
+        )
+        group_of_prompt = [
+            group for group, size in enumerate(self.config.attribute_group_sizes) for _ in range(size)
+        ]
+        index = torch.tensor(group_of_prompt, device=attribute_probs.device).expand(
+            attribute_probs.shape[0], -1
+        )
+        attribute_scores = attribute_probs.new_zeros(attribute_probs.shape[0], self.config.num_attributes)
+        attribute_scores = attribute_scores.scatter_reduce(
+            1, index, attribute_probs, "amax", include_self=False
+        )
+        class_scores = self._quantize(self.attribute_similarity(region_queries, self.ov_embeds))
+        return tag_logits.float(), tag_mask, attribute_scores.float(), class_scores.float()
+
+    def _contrastive(self, region_queries: torch.Tensor, caption_embeds: torch.Tensor):
+        """Sigmoid region-caption loss across ranks (model.md §8) and the region->caption logits."""
+        device = region_queries.device
+        with self._autocast(device, torch.bfloat16):
+            memory = self.attr_vision_proj(region_queries)
+            captions = self.attr_text_proj(caption_embeds.to(self.attr_text_proj.weight.dtype))
+            memory_all, rank = _gather_keep_local_grad(memory)
+            captions_all, _ = _gather_keep_local_grad(captions)
+
+            def score(labels: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+                hidden = self.attr_head(labels.unsqueeze(0).expand(regions.shape[0], -1, -1), regions)
+                return self.attr_fc(F.normalize(hidden, dim=-1)).squeeze(-1)
+
+            scale, bias = self.attr_t.exp(), self.attr_b
+            logits_i2t = score(captions, memory_all).transpose(0, 1) * scale + bias  # [bs, N]: local captions
+            logits_t2i = score(captions_all, memory) * scale + bias  # [bs, N]: local regions
+        loss = (
+            sigmoid_contrastive_loss(logits_i2t.float(), rank)
+            + sigmoid_contrastive_loss(logits_t2i.float(), rank)
+        ) / 2
+        return loss * self.config.attr_loss_weight, logits_t2i
+
+    # ------------------------------------------------------------------ language model
+
+    def _language_model_inputs(
+        self,
+        region_queries: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[t5_proj(Q) | embed(control) + cem_memory]` and its mask (model.md §11)."""
+        device = region_queries.device
+        embed_tokens = self.get_input_embeddings()
+        with self._autocast(device, torch.bfloat16):
+            visual = self.language_projection(region_queries.to(self.language_projection.weight.dtype))
+        visual_mask = torch.ones(visual.shape[:2], dtype=torch.long, device=device)
+        if input_ids is None:
+            embeds, mask = visual, visual_mask
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            control = embed_tokens(input_ids) + self.cem_memory  # cem_memory is added to every control token
+            embeds = torch.cat([visual.to(control.dtype), control], dim=1)
+            mask = torch.cat([visual_mask, attention_mask.to(visual_mask.dtype)], dim=1)
+        if self._uses_autocast(device):
+            embeds = embeds.float()  # upstream feeds fp32 inputs_embeds to the bf16 LM under autocast
+        else:
+            embeds = embeds.to(embed_tokens.weight.dtype)
+        return embeds, mask
+
+    @staticmethod
+    def _pack(mask: torch.Tensor, *tensors: torch.Tensor, left: bool) -> list[torch.Tensor]:
+        """Move padding to one side of every row (stable), for the causal LM prefix."""
+        key = mask if left else 1 - mask
+        order = torch.sort(key.to(torch.int8), dim=1, stable=True).indices
+        packed = [mask.gather(1, order)]
+        for tensor in tensors:
+            index = order.view(*order.shape, *([1] * (tensor.dim() - 2))).expand_as(tensor)
+            packed.append(tensor.gather(1, index))
+        return packed
+
+    def _language_model_loss(self, embeds, mask, labels, decoder_attention_mask):
+        if self.config.use_decoder_only_language_model:
+            pad_id = self.config.text_config.pad_token_id
+            pad_id = 0 if pad_id is None else pad_id
+            caption_mask = (
+                (labels != -100) if decoder_attention_mask is None else decoder_attention_mask.bool()
+            )
+            caption_ids = labels.masked_fill(labels == -100, pad_id)
+            caption_embeds = self.get_input_embeddings()(caption_ids).to(embeds.dtype)
+            prefix_labels = torch.full(mask.shape, -100, dtype=labels.dtype, device=labels.device)
+            full_mask = torch.cat([mask, caption_mask.to(mask.dtype)], dim=1)
+            full_labels = torch.cat([prefix_labels, labels.masked_fill(~caption_mask, -100)], dim=1)
+            full_mask, full_embeds, full_labels = self._pack(
+                full_mask, torch.cat([embeds, caption_embeds], dim=1), full_labels, left=False
+            )
+            outputs = self.language_model(
+                inputs_embeds=full_embeds, attention_mask=full_mask, labels=full_labels
+            )
+        else:
+            outputs = self.language_model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                labels=labels,
+                decoder_attention_mask=decoder_attention_mask,
+            )
+        return outputs.loss, outputs.logits
+
+    # ------------------------------------------------------------------ forward / generate
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        view_boxes: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        tag_labels: torch.Tensor | None = None,
+        caption_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> DynReferOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(R, V, 3, S, S)`): nested views of every region.
+            view_boxes (`torch.FloatTensor` of shape `(R, V, 4)`): target box inside each view, view pixels.
+            input_ids, attention_mask (`torch.LongTensor` of shape `(R, T)`): tokenised control prompts.
+            labels (`torch.LongTensor` of shape `(R, L)`): caption tokens, padding = -100 -> `loss_llm`.
+            decoder_attention_mask (`torch.LongTensor` of shape `(R, L)`): caption mask (upstream passes it).
+            tag_labels (`torch.Tensor` of shape `(R, num_tags)`): multi-hot tag targets (upstream: the union of
+                tag_set1 and tag_set2) -> `loss_tag`.
+            caption_embeds (`torch.FloatTensor` of shape `(R, text_embed_dim)`): text-encoder embeddings of the
+                region captions -> `loss_att` (all-gathered across ranks under torch.distributed).
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        self._check_views(pixel_values, view_boxes)
+        regions = pixel_values.shape[0]
+        self._check_rows("input_ids", input_ids, regions)
+        if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
+            raise ValueError("attention_mask must come with input_ids and have its shape")
+        self._check_rows("labels", labels, regions)
+        if decoder_attention_mask is not None and (
+            labels is None or decoder_attention_mask.shape != labels.shape
+        ):
+            raise ValueError("decoder_attention_mask must come with labels and have its shape")
+        self._check_rows("tag_labels", tag_labels, regions, self.config.num_tags)
+        self._check_rows("caption_embeds", caption_embeds, regions, self.config.text_embed_dim)
+
+        region_queries = self._region_queries(pixel_values, view_boxes)
+
+        raw_tag_logits = self.tag_logits(region_queries)
+        loss_tag = None
+        if tag_labels is not None:
+            config = self.config
+            loss_tag = config.tag_loss_weight * asymmetric_loss(
+                raw_tag_logits,
+                tag_labels,
+                config.asl_gamma_neg,
+                config.asl_gamma_pos,
+                config.asl_clip,
+                config.asl_eps,
+            )
+
+        loss_att = contrastive_logits = None
+        if caption_embeds is not None:
+            loss_att, contrastive_logits = self._contrastive(region_queries, caption_embeds)
+
+        loss_llm = logits = None
+        if labels is not None:
+            embeds, mask = self._language_model_inputs(region_queries, input_ids, attention_mask)
+            with self._autocast(embeds.device, torch.bfloat16):
+                loss_llm, logits = self._language_model_loss(embeds, mask, labels, decoder_attention_mask)
+
+        losses = [loss for loss in (loss_llm, loss_tag, loss_att) if loss is not None]
+        output = DynReferOutput(
+            loss=torch.stack([loss.float() for loss in losses]).sum() if losses else None,
+            loss_llm=loss_llm,
+            loss_tag=loss_tag,
+            loss_att=loss_att,
+            logits=logits,
+            tag_logits=self._quantize(raw_tag_logits).float(),
+            contrastive_logits=contrastive_logits,
+            region_queries=region_queries,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        view_boxes: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        **generate_kwargs,
+    ):
+        """Caption the regions; returns what the language model's `generate` returns (ids, or a
+        `GenerateOutput` with `return_dict_in_generate=True`). Defaults: `self.generation_config`, the
+        released values (num_beams 2, max_new_tokens 20, repetition_penalty 1.5, length_penalty 0)."""
+        self._check_views(pixel_values, view_boxes)
+        self._check_rows("input_ids", input_ids, pixel_values.shape[0])
+        region_queries = self._region_queries(pixel_values, view_boxes)
+        return self._generate_from_queries(region_queries, input_ids, attention_mask, **generate_kwargs)
+
+    def _generate_from_queries(self, region_queries, input_ids, attention_mask, **generate_kwargs):
+        embeds, mask = self._language_model_inputs(region_queries, input_ids, attention_mask)
+        if self.config.use_decoder_only_language_model:
+            mask, embeds = self._pack(mask, embeds, left=True)
+        generation_config = copy.deepcopy(
+            generate_kwargs.pop("generation_config", None) or self.generation_config
+        )
+        model_kwargs = generation_config.update(**generate_kwargs)  # returns the non-generation arguments
+        with self._autocast(embeds.device, torch.bfloat16):
+            return self.language_model.generate(
+                inputs_embeds=embeds, attention_mask=mask, generation_config=generation_config, **model_kwargs
+            )
+
+    @torch.no_grad()
+    def describe_regions(
+        self,
+        pixel_values: torch.Tensor,
+        view_boxes: torch.Tensor,
+        tokenizer,
+        controls: Sequence[Sequence[str] | str] | None = None,
+        tag_threshold: float | None = None,
+        **generate_kwargs,
+    ) -> list[dict]:
+        """One record per region (model.md §16): caption, score, tags, attribute and class scores.
+
+        The control prompt of region r is `format_control_prompt(merge_control_words(controls[r], tags_r))`:
+        the user's words first, then the predicted tags in tag-list order (upstream used a hash-seed dependent
+        set order, model.md §12).
+
+        Args:
+            tokenizer: the language model's tokenizer (control prompts and decoding).
+            controls: per region, a list of words or a string of words separated by ",".
+            tag_threshold: overrides `config.tag_threshold`.
+
+        Returns:
+            `[{"caption": str, "score": float (exp of the sequence score), "tags": [str],
+            "attribute_scores": [float] * num_attributes, "class_scores": [float] * num_classes}, ...]`.
+        """
+        self._check_views(pixel_values, view_boxes)
+        regions = pixel_values.shape[0]
+        if controls is not None and len(controls) != regions:
+            raise ValueError(f"controls has {len(controls)} entries for {regions} regions")
+        if generate_kwargs.get("num_return_sequences", 1) != 1:
+            raise ValueError(
+                "describe_regions returns one caption per region: num_return_sequences must be 1"
+            )
+        region_queries = self._region_queries(pixel_values, view_boxes)
+        _, tag_mask, attribute_scores, class_scores = self.predict_labels(region_queries, tag_threshold)
+        tag_names = self.config.tag_names
+        tags = [[tag_names[i] for i in row.nonzero().flatten().tolist()] for row in tag_mask.cpu()]
+        prompts = []
+        for index, region_tags in enumerate(tags):
+            user = [] if controls is None else controls[index]
+            if isinstance(user, str):
+                user = user.split(",")
+            prompts.append(format_control_prompt(merge_control_words(user, region_tags)))
+        tokens = tokenizer(
+            prompts,
+            padding="longest",
+            truncation=True,
+            max_length=self.config.max_text_length,
+            return_tensors="pt",
+        ).to(region_queries.device)
+        generate_kwargs.update(output_scores=True, return_dict_in_generate=True)
+        outputs = self._generate_from_queries(
+            region_queries, tokens.input_ids, tokens.attention_mask, **generate_kwargs
+        )
+        captions = tokenizer.batch_decode(outputs.sequences, skip_special_tokens=True)
+        scores = self._sequence_scores(outputs).exp().tolist()
+        return [
+            {
+                "caption": caption,
+                "score": score,
+                "tags": region_tags,
+                "attribute_scores": attributes,
+                "class_scores": classes,
+            }
+            for caption, score, region_tags, attributes, classes in zip(
+                captions, scores, tags, attribute_scores.tolist(), class_scores.tolist()
+            )
+        ]
+
+    def _sequence_scores(self, outputs) -> torch.Tensor:
+        """Beam search's `sequences_scores`; for greedy/sampling, the summed log-probabilities of the tokens."""
+        if getattr(outputs, "sequences_scores", None) is not None:
+            return outputs.sequences_scores.float()
+        steps = len(outputs.scores)
+        generated = outputs.sequences[:, -steps:]
+        log_probs = torch.stack([F.log_softmax(step.float(), dim=-1) for step in outputs.scores], dim=1)
+        token_log_probs = log_probs.gather(2, generated.unsqueeze(-1)).squeeze(-1)
+        eos = self.generation_config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=generated.device)
+        is_eos = torch.isin(generated, eos)
+        # tokens after the first EOS are padding
+        finished_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+        return token_log_probs.masked_fill(finished_before, 0.0).sum(dim=1)
+
+    # ------------------------------------------------------------------ vocabularies
+
+    def encode_texts(self, texts: Sequence[str], tokenizer, batch_size: int = 64) -> torch.Tensor:
+        """Text-encoder embeddings `[M, text_embed_dim]` (EOT token, projected, not normalised; model.md §10).
+
+        `tokenizer` is the text encoder's CLIP tokenizer; texts are padded to its max length (77) and truncated.
+        """
+        if self.text_encoder is None:
+            raise ValueError(
+                "encoding texts needs a text encoder: build the model with config.text_encoder_config "
+                "(a CLIPTextConfig) and load its weights, or attach one with `attach_text_encoder`"
+            )
+        if tokenizer is None:
+            raise ValueError("encoding texts needs the text encoder's tokenizer (a CLIP tokenizer)")
+        texts = list(texts)
+        if not texts or not all(isinstance(text, str) for text in texts):
+            raise ValueError("texts must be a non-empty list of strings")
+        device = self.text_encoder.device
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                ids = tokenizer(
+                    texts[start : start + batch_size],
+                    padding="max_length",
+                    max_length=self.config.text_encoder_config.max_position_embeddings,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(device)
+                # causal attention only, as upstream: padding after EOT cannot reach the EOT token
+                chunks.append(self.text_encoder(input_ids=ids).text_embeds.float())
+        return torch.cat(chunks)
+
+    def attach_text_encoder(self, text_encoder: CLIPTextModelWithProjection) -> None:
+        """Attach a (frozen) CLIP text tower used by `encode_texts` and `set_vocabulary`."""
+        if text_encoder.config.projection_dim != self.config.text_embed_dim:
+            raise ValueError(
+                f"the text encoder projects to {text_encoder.config.projection_dim}, "
+                f"but config.text_embed_dim is {self.config.text_embed_dim}"
+            )
+        self.text_encoder = text_encoder.requires_grad_(False)
+        self.config.text_encoder_config = text_encoder.config
+
+    def set_vocabulary(
+        self,
+        tags: Sequence[str] | None = None,
+        attributes: Mapping[str, Sequence[str]] | None = None,
+        classes: Sequence[str] | Mapping[str, str] | None = None,
+        tokenizer=None,
+        batch_size: int = 64,
+    ) -> None:
+        """Replace tag, attribute and/or class vocabularies and recompute their embedding tables.
+
+        Args:
+            tags: tag strings (each encoded as is, like RAM's tags).
+            attributes: attribute name -> its prompts; an attribute's score is the max over its prompts.
+            classes: class names (encoded as upstream's prompt "the {name lowercased}") or name -> prompt.
+            tokenizer: the text encoder's CLIP tokenizer.
+        Raises:
+            ValueError: without an attached text encoder or tokenizer, or with an empty vocabulary.
+        """
+        if tags is None and attributes is None and classes is None:
+            raise ValueError("set_vocabulary needs tags, attributes or classes")
+        if self.text_encoder is None:
+            raise ValueError(
+                "set_vocabulary needs a text encoder to embed the new strings: build the model with "
+                "config.text_encoder_config or call attach_text_encoder(CLIPTextModelWithProjection)"
+            )
+        if tokenizer is None:
+            raise ValueError("set_vocabulary needs the text encoder's tokenizer")
+        updates = {}
+        if tags is not None:
+            tags = [str(tag) for tag in tags]
+            updates["clip_embeds"] = self.encode_texts(tags, tokenizer, batch_size)
+        if attributes is not None:
+            if not isinstance(attributes, Mapping) or not attributes or not all(attributes.values()):
+                raise ValueError("attributes must map every attribute name to a non-empty list of prompts")
+            prompts = [prompt for group in attributes.values() for prompt in group]
+            updates["att_embeds"] = self.encode_texts(prompts, tokenizer, batch_size)
+        if classes is not None:
+            if isinstance(classes, Mapping):
+                class_names, class_prompts = list(classes), list(classes.values())
+            else:
+                class_names = list(classes)
+                class_prompts = [f"the {name.lower()}" for name in class_names]
+            updates["ov_embeds"] = self.encode_texts(class_prompts, tokenizer, batch_size)
+
+        device = self.clip_embeds.device
+        for name, table in updates.items():
+            setattr(self, name, table.to(device=device, dtype=getattr(self, name).dtype))
+        if tags is not None:
+            self.config.tag_names = tags
+        if attributes is not None:
+            self.config.attribute_names = list(attributes)
+            self.config.attribute_group_sizes = [len(group) for group in attributes.values()]
+            self.config.attribute_prompts = prompts
+        if classes is not None:
+            self.config.class_names = class_names
+            self.config.class_prompts = class_prompts
