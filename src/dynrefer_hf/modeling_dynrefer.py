@@ -59,7 +59,7 @@ class DynReferOutput(ModelOutput):
         tag_logits (`torch.FloatTensor` of shape `(R, num_tags)`): tag logits (bf16-rounded when
             `config.quantize_head_outputs`).
         contrastive_logits (`torch.FloatTensor` of shape `(R, N)`): `s * exp(attr_t) + attr_b` of every local
-            region against the captions of all ranks (N = R x world size; only with `caption_embeds`).
+            region against the captions of all ranks (N = regions of all ranks; only with `caption_embeds`).
         region_queries (`torch.FloatTensor` of shape `(R, num_query_tokens, qformer hidden)`): Q-Former output.
     """
 
@@ -103,29 +103,41 @@ def asymmetric_loss(
     return -(log_likelihood * weight).sum()
 
 
-def sigmoid_contrastive_loss(logits: torch.Tensor, rank: int = 0) -> torch.Tensor:
+def sigmoid_contrastive_loss(logits: torch.Tensor, rank: int = 0, offset: int | None = None) -> torch.Tensor:
     """SigLIP-style loss of one direction (model.md §8): `-sum(logsigmoid(label * logits)) / bs`.
 
     Args:
         logits: `[bs, N]`, row i = local item i against all N gathered items; the positive of row i is
-            column `rank * bs + i`, every other entry is a negative.
+            column `offset + i`, every other entry is a negative.
+        rank: with equal batches on every rank, `offset` defaults to `rank * bs`.
+        offset: the first column of this rank's items (the rows of the ranks before it, when batches differ).
     """
     batch = logits.shape[0]
     labels = -torch.ones_like(logits)
-    columns = torch.arange(batch, device=logits.device) + rank * batch
+    offset = rank * batch if offset is None else offset
+    columns = torch.arange(batch, device=logits.device) + offset
     labels[torch.arange(batch, device=logits.device), columns] = 1
     return -F.logsigmoid(labels * logits).sum() / batch
 
 
 def _gather_keep_local_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gather over ranks (dim 0); this rank's slice is the input itself, so it keeps its gradient."""
+    """All-gather over ranks (dim 0, row counts may differ between ranks); this rank's slice is the input
+    itself, so it keeps its gradient. Returns the gathered rows and the offset of this rank's first row."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor, 0
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    rank = dist.get_rank()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(count) for count in sizes]
+    # image-batched collators give each rank its own number of regions; all_gather needs equal shapes
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    parts = [part[:count] for part, count in zip(parts, sizes)]
     parts[rank] = tensor
-    return torch.cat(parts), rank
+    return torch.cat(parts), sum(sizes[:rank])
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -693,7 +705,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         with self._autocast(device, torch.bfloat16):
             memory = self.attr_vision_proj(region_queries)
             captions = self.attr_text_proj(caption_embeds.to(self.attr_text_proj.weight.dtype))
-            memory_all, rank = _gather_keep_local_grad(memory)
+            memory_all, offset = _gather_keep_local_grad(memory)
             captions_all, _ = _gather_keep_local_grad(captions)
 
             def score(labels: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
@@ -704,8 +716,8 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             logits_i2t = score(captions, memory_all).transpose(0, 1) * scale + bias  # [bs, N]: local captions
             logits_t2i = score(captions_all, memory) * scale + bias  # [bs, N]: local regions
         loss = (
-            sigmoid_contrastive_loss(logits_i2t.float(), rank)
-            + sigmoid_contrastive_loss(logits_t2i.float(), rank)
+            sigmoid_contrastive_loss(logits_i2t.float(), offset=offset)
+            + sigmoid_contrastive_loss(logits_t2i.float(), offset=offset)
         ) / 2
         return loss * self.config.attr_loss_weight, logits_t2i
 
