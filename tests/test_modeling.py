@@ -323,13 +323,14 @@ def test_peft_lora_on_the_language_model_trains_and_saves(tmp_path, tokenizer):
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
     losses = []
-    for _ in range(5):
+    for _ in range(8):
         loss = peft_model(pixel_values=pixel_values, view_boxes=view_boxes, **batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    # The tiny T5's large initial logits make single steps noisy: compare the last steps' mean.
+    assert sum(losses[-3:]) / 3 < losses[0]
     peft_model.eval()
     with torch.no_grad():
         expected = peft_model(pixel_values=pixel_values, view_boxes=view_boxes, **batch).loss
