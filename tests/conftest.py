@@ -25,3 +25,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_region_captioner(tmp_path_factory) -> Path:
+    """A folder holding a saved tiny DynRefer model, tokenizer and image processor (``tiny.save_tiny_region_captioner``)."""
+    from tiny import save_tiny_region_captioner
+
+    return save_tiny_region_captioner(tmp_path_factory.mktemp("tiny_region_captioner"))

@@ -4,6 +4,33 @@ Importing this package registers the ``dynrefer`` model type with the Auto class
 ``region-captioning`` pipeline task, so no ``trust_remote_code`` is needed.
 """
 
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from .configuration_dynrefer import DynReferConfig
+from .image_processing_dynrefer import DynReferImageProcessor
+from .modeling_dynrefer import DynReferForRegionCaptioning, DynReferOutput, DynReferPreTrainedModel
+from .pipeline_region_captioning import RegionCaptioningPipeline, register_pipeline
+from .processing_dynrefer import DynReferProcessor
+from .visualize import draw_regions, draw_views
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "DynReferConfig",
+    "DynReferForRegionCaptioning",
+    "DynReferImageProcessor",
+    "DynReferOutput",
+    "DynReferPreTrainedModel",
+    "DynReferProcessor",
+    "RegionCaptioningPipeline",
+    "__version__",
+    "draw_regions",
+    "draw_views",
+]
+
+AutoConfig.register(DynReferConfig.model_type, DynReferConfig, exist_ok=True)
+AutoModel.register(DynReferConfig, DynReferForRegionCaptioning, exist_ok=True)
+AutoModelForImageTextToText.register(DynReferConfig, DynReferForRegionCaptioning, exist_ok=True)
+AutoImageProcessor.register(DynReferConfig, image_processor_classes={"pil": DynReferImageProcessor}, exist_ok=True)
+AutoProcessor.register(DynReferConfig, DynReferProcessor, exist_ok=True)
+register_pipeline()

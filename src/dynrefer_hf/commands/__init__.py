@@ -1,0 +1,1 @@
+"""Subcommands of the ``dynrefer`` console script (each module exposes ``register(subparsers)``)."""

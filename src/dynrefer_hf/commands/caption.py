@@ -1,0 +1,175 @@
+"""``dynrefer caption IMAGE --box x1,y1,x2,y2 ...``: describe regions of an image.
+
+Prints a table (or JSON with ``--json``); ``--draw`` writes the image with the boxes and captions,
+``--show-views`` the nested views each region was described from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..cli import CommandError
+
+__all__ = ["format_table", "parse_box", "register"]
+
+
+def parse_box(text: str) -> list[float]:
+    """``"x1,y1,x2,y2"`` (pixels) as four floats, with x2 > x1 and y2 > y1."""
+    parts = text.replace(" ", "").split(",")
+    try:
+        box = [float(part) for part in parts]
+    except ValueError:
+        box = []
+    if len(box) != 4 or len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a box: expected four numbers x1,y1,x2,y2")
+    if not (box[2] > box[0] and box[3] > box[1]):
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty box: x2 must exceed x1 and y2 must exceed y1")
+    return box
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "caption",
+        help="describe regions of an image (caption, tags, attributes, class)",
+        description="Describe regions of an image: a caption with its score, tags, attributes and a class per box.",
+    )
+    parser.add_argument("image", help="image file (or http(s) URL)")
+    parser.add_argument(
+        "--box",
+        dest="boxes",
+        action="append",
+        type=parse_box,
+        metavar="X1,Y1,X2,Y2",
+        help="a region in pixels (repeat for several regions)",
+    )
+    parser.add_argument("--model", help="model folder or Hub id (default: the package's default model)")
+    parser.add_argument("--controls", help="comma-separated control words put before the predicted tags")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--draw", metavar="OUT.png", help="write the image with the boxes and their captions")
+    parser.add_argument(
+        "--legend",
+        action="store_true",
+        help="with --draw: number the boxes and list the captions below the image",
+    )
+    parser.add_argument("--show-views", metavar="OUT.png", help="write the nested views of each region")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: as saved)"
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="regions per forward pass (default 20)")
+    parser.add_argument("--tag-threshold", type=float, default=None, help="tag probability threshold")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="caption length limit in tokens (default: the model's)",
+    )
+    parser.add_argument(
+        "--top-attributes", type=int, default=3, help="attributes shown per region (default 3)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline_region_captioning import DEFAULT_MODEL, load_rgb_image
+    from ..visualize import draw_regions, draw_views
+    from ._loading import load_region_captioner
+
+    if not args.boxes:
+        raise CommandError("no regions given: add at least one --box x1,y1,x2,y2 (pixels)")
+    try:
+        image = load_rgb_image(args.image)
+    except (OSError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    for box in args.boxes:
+        if box[0] < 0 or box[1] < 0 or box[2] > image.width or box[3] > image.height:
+            raise CommandError(
+                f"box {_format_box(box)} is not inside the {image.width}x{image.height} image {args.image}"
+            )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CommandError("--batch-size must be at least 1")
+    for option, path in (("--draw", args.draw), ("--show-views", args.show_views)):
+        if path is not None:
+            _check_picture_path(option, path)
+
+    model, revision = (args.model, None) if args.model else DEFAULT_MODEL
+    describe = load_region_captioner(model, revision=revision, device=args.device, dtype=args.dtype)
+    try:
+        results = describe(
+            image,
+            boxes=args.boxes,
+            controls=args.controls,
+            batch_size=args.batch_size,
+            tag_threshold=args.tag_threshold,
+            attribute_top_k=args.top_attributes,
+            return_views=bool(args.show_views),
+            **({} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}),
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+
+    if args.draw:
+        draw_regions(image, results, legend=args.legend).save(args.draw)
+        print(f"wrote {args.draw}", file=sys.stderr)
+    if args.show_views:
+        draw_views(
+            image,
+            [result["views"]["crop_boxes"] for result in results],
+            [result["views"]["view_boxes"] for result in results],
+            [result["views"]["ratios"] for result in results],
+            view_size=(describe.image_processor.size["height"], describe.image_processor.size["width"]),
+            captions=[result["caption"] for result in results],
+        ).save(args.show_views)
+        print(f"wrote {args.show_views}", file=sys.stderr)
+        for result in results:
+            del result["views"]
+
+    if args.json:
+        json.dump({"image": args.image, "model": model, "regions": results}, sys.stdout, indent=2)
+        print()
+    else:
+        print(f"{args.image}  (model: {model})")
+        print(format_table(results))
+    return 0
+
+
+def _check_picture_path(option: str, path: str) -> None:
+    """Fail before any model work if the picture cannot be written where asked."""
+    from PIL import Image
+
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise CommandError(f"{option} {path}: the folder {target.parent} does not exist")
+    if target.suffix.lower() not in Image.registered_extensions():
+        raise CommandError(f"{option} {path}: name the picture with an image extension such as .png or .jpg")
+
+
+def _format_box(box: Sequence[float]) -> str:
+    return ",".join(f"{value:g}" for value in box)
+
+
+def format_table(results: Sequence[Mapping]) -> str:
+    """The region results as an aligned text table, one row per region."""
+    header = ("#", "box", "caption", "score", "class", "tags", "attributes")
+    rows = [header]
+    for index, result in enumerate(results):
+        label = result.get("label")
+        rows.append(
+            (
+                str(index),
+                _format_box(result["box"]),
+                result["caption"],
+                f"{result['score']:.3g}",
+                f"{label['name']} ({label['score']:.2f})" if label else "-",
+                ", ".join(result["tags"]) or "-",
+                ", ".join(f"{item['name']} {item['score']:.2f}" for item in result["attributes"]) or "-",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""Pictures of region descriptions: boxes with their captions, and the nested views DynRefer looked at.
+
+Only Pillow is used, with its built-in font (``ImageFont.load_default``), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import PIL.Image
+from PIL import ImageDraw, ImageFont
+
+__all__ = ["REGION_COLORS", "draw_regions", "draw_views", "region_color"]
+
+# Distinct, saturated colours (Tableau 10), cycled over the regions.
+REGION_COLORS: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
+
+
+def region_color(index: int) -> tuple[int, int, int]:
+    """The colour of region ``index`` (cycles through ``REGION_COLORS``)."""
+    return REGION_COLORS[index % len(REGION_COLORS)]
+
+
+def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black or white, whichever reads better on ``background`` (ITU-R BT.601 luma)."""
+    luma = 0.299 * background[0] + 0.587 * background[1] + 0.114 * background[2]
+    return (0, 0, 0) if luma > 150 else (255, 255, 255)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_width: float) -> str:
+    """``text``, shortened with an ellipsis so that it is at most ``max_width`` pixels wide."""
+    if draw.textlength(text, font=font) <= max_width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > max_width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _label(
+    draw: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    text: str,
+    color,
+    font,
+    image_size: tuple[int, int],
+    taken: list[tuple[int, int, int, int]],
+) -> None:
+    """Write ``text`` on a band of ``color`` at the first free place among: above ``box``, inside its top
+    edge, below it (the first that fits in the image if all are taken); record the band in ``taken``."""
+    width, height = image_size
+    padding = max(1, round(font.size * 0.2))
+    text = _fit_text(draw, text, font, width - 2 * padding)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    band_width, band_height = right - left + 2 * padding, bottom - top + 2 * padding
+    x = min(max(box[0], 0), max(width - band_width, 0))
+    places = [y for y in (box[1] - band_height, box[1], box[3]) if 0 <= y <= height - band_height]
+    bands = [(x, y, x + band_width, y + band_height) for y in places or [max(0, height - band_height)]]
+    band = next((band for band in bands if not any(_overlaps(band, other) for other in taken)), bands[0])
+    taken.append(band)
+    draw.rectangle((band[0], band[1], band[2] - 1, band[3] - 1), fill=color)
+    draw.text((band[0] + padding - left, band[1] + padding - top), text, fill=_text_color(color), font=font)
+
+
+def _caption_text(index: int, result: Mapping, show_index: bool) -> str:
+    text = str(result.get("caption", ""))
+    if result.get("label"):
+        text = f"{text} [{result['label']['name']}]"
+    return f"{index}: {text}" if show_index else text
+
+
+def draw_regions(
+    image: PIL.Image.Image,
+    results: Sequence[Mapping],
+    *,
+    line_width: int | None = None,
+    font_size: int | None = None,
+    show_index: bool = True,
+    legend: bool = False,
+) -> PIL.Image.Image:
+    """A copy of ``image`` with every region's box outlined and its caption written on it.
+
+    Args:
+        image: the picture the regions belong to.
+        results: region records with a ``"box"`` ``[x1, y1, x2, y2]`` in pixels and a ``"caption"``
+            (as returned by the ``region-captioning`` pipeline); ``"label"`` is added when present.
+        line_width, font_size: default to sizes that scale with the image.
+        show_index: prefix each caption with the region's index (``"0: a dog"``).
+        legend: write only the index on each box and the captions in a legend under the image, one
+            line per region (for small images or many regions, where captions would hide the picture).
+
+    Returns:
+        A new RGB image; region ``i`` is drawn in ``region_color(i)``, its caption (or index) in black or
+        white on a filled band of that colour above the box, or, when there is no room or another band
+        is there, inside its top edge or below it. With ``legend`` the picture is taller by the legend.
+    """
+    canvas = image.convert("RGB")  # always a copy
+    shorter_side = min(canvas.size)
+    line_width = line_width or max(2, round(shorter_side / 200))
+    font = _font(font_size or max(11, round(shorter_side / 32)))
+    draw = ImageDraw.Draw(canvas)
+    for index, result in enumerate(results):
+        x1, y1, x2, y2 = (round(float(value)) for value in result["box"])
+        # Boxes are exclusive at x2/y2; PIL's rectangle includes both corners.
+        draw.rectangle(
+            (x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=region_color(index), width=line_width
+        )
+    # Captions after all boxes, so that no outline crosses a caption.
+    taken: list[tuple[int, int, int, int]] = []
+    for index, result in enumerate(results):
+        box = tuple(round(float(value)) for value in result["box"])
+        text = str(index) if legend else _caption_text(index, result, show_index)
+        _label(draw, box, text, region_color(index), font, canvas.size, taken)
+    if not legend:
+        return canvas
+    line_height = round(font.size * 1.6)
+    picture = PIL.Image.new("RGB", (canvas.width, canvas.height + line_height * len(results) + 4), "white")
+    picture.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(picture)
+    swatch = round(font.size * 0.9)
+    for index, result in enumerate(results):
+        top = canvas.height + 2 + index * line_height
+        # A swatch of the region's colour, then the caption in black.
+        draw.rectangle((4, top + 1, 4 + swatch - 1, top + swatch), fill=region_color(index))
+        text = _fit_text(draw, _caption_text(index, result, True), font, canvas.width - swatch - 12)
+        draw.text((swatch + 8, top), text, fill="black", font=font)
+    return picture
+
+
+def draw_views(
+    image: PIL.Image.Image,
+    crop_boxes,
+    view_boxes,
+    view_ratios=None,
+    *,
+    view_size: int | tuple[int, int] = 224,
+    tile_size: int = 192,
+    captions: Sequence[str] | None = None,
+) -> PIL.Image.Image:
+    """The nested views of every region side by side, one row per region, the target box marked.
+
+    Each tile shows what the model was given for one view: the crop of ``image`` at ``crop_boxes``
+    resized to a square (as the image processor does, aspect ratio not kept), with the region's box
+    inside it drawn from ``view_boxes``.
+
+    Args:
+        image: the original picture.
+        crop_boxes: [R, V, 4] integer crops in the original image (the image processor's ``crop_boxes``).
+        view_boxes: [R, V, 4] the target box in each view's ``view_size`` x ``view_size`` pixels
+            (the image processor's ``view_boxes``).
+        view_ratios: [R, V] the interpolation coefficient t of each view, written under its tile.
+        view_size: size of the processor's views, a side or (height, width) (224 for the released model).
+        tile_size: side of each tile in the picture.
+        captions: optional text per region, written at the start of its row.
+
+    Returns:
+        An RGB image of ``R`` rows and ``V`` tiles per row.
+    """
+    crop_boxes = np.asarray(crop_boxes, dtype=np.float64)
+    view_boxes = np.asarray(view_boxes, dtype=np.float64)
+    if crop_boxes.ndim != 3 or crop_boxes.shape[-1] != 4 or view_boxes.shape != crop_boxes.shape:
+        raise ValueError(
+            f"crop_boxes and view_boxes must both be [R, V, 4], got {list(crop_boxes.shape)} and {list(view_boxes.shape)}"
+        )
+    num_regions, num_views = crop_boxes.shape[:2]
+    if view_ratios is not None:
+        view_ratios = np.asarray(view_ratios, dtype=np.float64)
+        if view_ratios.shape != (num_regions, num_views):
+            raise ValueError(
+                f"view_ratios must be [{num_regions}, {num_views}], got {list(view_ratios.shape)}"
+            )
+    if captions is not None and len(captions) != num_regions:
+        raise ValueError(f"{len(captions)} captions for {num_regions} regions")
+
+    source = image.convert("RGB")
+    font = _font(max(11, tile_size // 14))
+    margin = max(4, tile_size // 24)
+    text_height = round(font.size * 1.5)
+    row_height = text_height + tile_size + text_height + margin
+    picture = PIL.Image.new(
+        "RGB", (margin + num_views * (tile_size + margin), margin + num_regions * row_height), "white"
+    )
+    draw = ImageDraw.Draw(picture)
+    view_height, view_width = (view_size, view_size) if isinstance(view_size, int) else view_size
+    scale = np.array([tile_size / view_width, tile_size / view_height] * 2)
+    for region in range(num_regions):
+        color = region_color(region)
+        top = margin + region * row_height
+        heading = f"region {region}" + (f": {captions[region]}" if captions is not None else "")
+        draw.text(
+            (margin, top), _fit_text(draw, heading, font, picture.width - 2 * margin), fill=color, font=font
+        )
+        for view in range(num_views):
+            left = margin + view * (tile_size + margin)
+            tile_top = top + text_height
+            x1, y1, x2, y2 = (int(value) for value in crop_boxes[region, view])
+            tile = source.crop((x1, y1, x2, y2)).resize((tile_size, tile_size), PIL.Image.Resampling.BICUBIC)
+            picture.paste(tile, (left, tile_top))
+            bx1, by1, bx2, by2 = view_boxes[region, view] * scale
+            draw.rectangle(
+                (left + bx1, tile_top + by1, left + max(bx1, bx2 - 1), tile_top + max(by1, by2 - 1)),
+                outline=color,
+                width=max(2, tile_size // 64),
+            )
+            if view_ratios is not None:
+                draw.text(
+                    (left, tile_top + tile_size + 2),
+                    f"t = {view_ratios[region, view]:.1f}",
+                    fill="black",
+                    font=font,
+                )
+    return picture

@@ -1,0 +1,308 @@
+"""The ``region-captioning`` pipeline, loaded through ``transformers.pipeline`` from a saved tiny model."""
+
+import functools
+import http.server
+import threading
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import pipeline
+
+import dynrefer_hf  # noqa: F401  (registers the task)
+from dynrefer_hf.pipeline_region_captioning import RegionCaptioningPipeline
+
+GENERATION = {"max_new_tokens": 5, "min_length": 3}
+BF16_STEP = 2.0**-8  # head scores are rounded to bfloat16: float noise can move them by one step
+
+
+@pytest.fixture(scope="module")
+def model_folder(tiny_region_captioner):
+    return tiny_region_captioner
+
+
+@pytest.fixture(scope="module")
+def describe(model_folder):
+    return pipeline("region-captioning", model=str(model_folder), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(shared_data):
+    paths = sorted((shared_data / "images").glob("*.jpg"))[:2]
+    return [str(path) for path in paths]
+
+
+def threshold_tagging_about_half(describe, image_path, boxes):
+    """A tag threshold at which about half of the regions get tags: the median of their best tag probability."""
+    features = describe.image_processor(PIL.Image.open(image_path).convert("RGB"), boxes=[boxes])
+    with torch.no_grad():
+        queries = describe.model.get_region_queries(
+            features["pixel_values"].to(describe.model.dtype), features["view_boxes"]
+        )
+        tag_logits = describe.model.predict_labels(queries)[0]
+    return float(torch.sigmoid(tag_logits).amax(dim=1).median())
+
+
+def region_by_region(describe, image_path, boxes, controls, tag_threshold=None, **generate_kwargs):
+    """Reference: each region through the image processor and ``describe_regions`` on its own."""
+    image = PIL.Image.open(image_path).convert("RGB")
+    records = []
+    for box, words in zip(boxes, controls):
+        features = describe.image_processor(image, boxes=[[box]])
+        records += describe.model.describe_regions(
+            features["pixel_values"].to(describe.model.dtype),
+            features["view_boxes"],
+            describe.tokenizer,
+            controls=[words],
+            tag_threshold=tag_threshold,
+            **generate_kwargs,
+        )
+    return records
+
+
+def assert_same_region(result, record, config, exact):
+    """``result`` (pipeline) describes the region as ``record`` (reference) does.
+
+    With ``exact=False`` (float32) scores may differ by rounding: the varied tiny model's wide random
+    weights amplify the last-bit differences of matrix products of other shapes (other chunk sizes,
+    other prompt padding) to ~1e-3 relative; in float64 the same comparison is exact.
+    """
+    assert result["caption"] == record["caption"]
+    assert result["tags"] == record["tags"]
+    attribute_scores = dict(zip(config.attribute_names, record["attribute_scores"]))
+    class_scores = np.array(record["class_scores"])
+    best = int(np.argmax(class_scores))
+    if exact:
+        assert result["score"] == record["score"]
+        assert all(
+            attribute["score"] == attribute_scores[attribute["name"]] for attribute in result["attributes"]
+        )
+        assert result["label"] == {"name": config.class_names[best], "score": class_scores[best]}
+        return
+    assert result["score"] == pytest.approx(record["score"], rel=5e-3)
+    for attribute in result["attributes"]:
+        assert attribute["score"] == pytest.approx(attribute_scores[attribute["name"]], abs=BF16_STEP)
+    best_score, runner_up = np.sort(class_scores)[::-1][:2]
+    if best_score - runner_up > 2 * BF16_STEP:  # a clear winner must win in both
+        assert result["label"]["name"] == config.class_names[best]
+    assert result["label"]["score"] == pytest.approx(best_score, abs=BF16_STEP)
+
+
+def test_factory_builds_the_pipeline_from_a_saved_folder(describe, images):
+    assert isinstance(describe, RegionCaptioningPipeline)
+    assert describe.model.__class__.__name__ == "DynReferForRegionCaptioning"
+    assert describe.image_processor.size == {"height": 56, "width": 56}
+    config = describe.model.config
+    results = describe(
+        images[0], boxes=[[10, 20, 200, 300], [300, 100, 600, 400]], attribute_top_k=2, **GENERATION
+    )
+    assert len(results) == 2
+    for result, box in zip(results, ([10, 20, 200, 300], [300, 100, 600, 400])):
+        assert set(result) == {"box", "caption", "score", "tags", "attributes", "label"}
+        assert result["box"] == [float(value) for value in box]
+        assert isinstance(result["caption"], str) and 0.0 < result["score"] <= 1.0
+        assert set(result["tags"]) <= set(config.tag_names)
+        assert len(result["attributes"]) == 2
+        assert [a["score"] for a in result["attributes"]] == sorted(
+            (a["score"] for a in result["attributes"]), reverse=True
+        )
+        assert {a["name"] for a in result["attributes"]} <= set(config.attribute_names)
+        assert result["label"]["name"] in config.class_names
+    all_attributes = describe(images[0], boxes=[[10, 20, 200, 300]], attribute_top_k=None, **GENERATION)[0][
+        "attributes"
+    ]
+    assert sorted(a["name"] for a in all_attributes) == sorted(config.attribute_names)
+    assert all_attributes[:2] == results[0]["attributes"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_any_batch_size_gives_the_region_by_region_results(describe, model_folder, images, dtype):
+    if dtype != torch.float32:
+        describe = pipeline("region-captioning", model=str(model_folder), device="cpu", dtype=dtype)
+    boxes = [
+        [10, 20, 200, 300],
+        [300, 100, 600, 400],
+        [0, 0, 640, 478],
+        [50, 50, 90, 120],
+        [100, 200, 400, 470],
+        [5, 5, 30, 30],
+        [400, 10, 630, 200],
+    ]
+    # Prompts of different lengths, so each chunk pads its control prompts differently.
+    controls = [["dog"], [], ["red", "car", "sky"], "beach,man,tree,road,grass", None, ["man"], []]
+    tag_threshold = threshold_tagging_about_half(describe, images[0], boxes)
+    reference = region_by_region(
+        describe,
+        images[0],
+        boxes,
+        [words or [] for words in controls],
+        tag_threshold=tag_threshold,
+        **GENERATION,
+    )
+    assert len({record["caption"] for record in reference}) > 3  # the regions are told apart
+    assert any(record["tags"] for record in reference) and not all(record["tags"] for record in reference)
+    config = describe.model.config
+    for batch_size in (1, 3, 100):
+        results = describe(
+            images[0],
+            boxes=boxes,
+            controls=controls,
+            batch_size=batch_size,
+            tag_threshold=tag_threshold,
+            **GENERATION,
+        )
+        assert [result["box"] for result in results] == [[float(v) for v in box] for box in boxes]
+        for result, record in zip(results, reference, strict=True):
+            assert_same_region(result, record, config, exact=dtype == torch.float64)
+
+
+def test_batch_size_sets_the_regions_per_forward_pass(describe, images, monkeypatch):
+    chunk_sizes = []
+    describe_regions = describe.model.describe_regions
+
+    def counting(pixel_values, *args, **kwargs):
+        chunk_sizes.append(len(pixel_values))
+        return describe_regions(pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(describe.model, "describe_regions", counting)
+    boxes = [[10, 20, 200, 300]] * 5
+    describe(images[0], boxes=boxes, batch_size=2, max_new_tokens=2)
+    assert chunk_sizes == [2, 2, 1]
+    chunk_sizes.clear()
+    describe(
+        images, boxes=[boxes, boxes[:3]], max_new_tokens=2
+    )  # default: 20 regions, chunks never span images
+    assert chunk_sizes == [5, 3]
+    chunk_sizes.clear()
+    set_at_init = RegionCaptioningPipeline(
+        model=describe.model,
+        tokenizer=describe.tokenizer,
+        image_processor=describe.image_processor,
+        batch_size=4,
+    )
+    set_at_init(images[0], boxes=boxes, max_new_tokens=2)
+    assert chunk_sizes == [4, 1]
+
+
+def test_controls_reach_the_prompt_as_describe_regions_places_them(describe, images):
+    box = [[300, 100, 600, 400]]
+    plain = describe(images[0], boxes=box, **GENERATION)[0]
+    steered = describe(images[0], boxes=box, controls="dog,grass", **GENERATION)[0]
+    reference = region_by_region(describe, images[0], box, [["dog", "grass"]], **GENERATION)[0]
+    assert steered["caption"] == reference["caption"] != plain["caption"]
+    assert steered["tags"] == plain["tags"]  # controls steer the caption, not the heads
+
+
+def test_several_images_in_every_input_form(describe, images):
+    boxes = [[[10, 20, 200, 300], [300, 100, 600, 400], [0, 0, 100, 100]], [[20, 30, 220, 330]]]
+    one_by_one = [
+        describe(image, boxes=image_boxes, **GENERATION) for image, image_boxes in zip(images, boxes)
+    ]
+    as_list = describe(images, boxes=boxes, **GENERATION)
+    as_dicts = describe([{"image": image, "boxes": b} for image, b in zip(images, boxes)], **GENERATION)
+    pil_and_numpy = [PIL.Image.open(images[0]), np.asarray(PIL.Image.open(images[1]).convert("RGB"))]
+    as_arrays = describe(pil_and_numpy, boxes=boxes, **GENERATION)
+    streamed = list(describe(({"image": image, "boxes": b} for image, b in zip(images, boxes)), **GENERATION))
+    assert [len(results) for results in as_list] == [3, 1]
+    for other in (as_dicts, as_arrays, streamed):
+        for got, expected in zip(other, one_by_one, strict=True):
+            assert [r["caption"] for r in got] == [r["caption"] for r in expected]
+            assert [r["score"] for r in got] == pytest.approx([r["score"] for r in expected], rel=1e-5)
+    for got, expected in zip(as_list, one_by_one, strict=True):
+        assert [r["caption"] for r in got] == [r["caption"] for r in expected]
+
+
+def test_masks_are_described_as_the_box_upstream_derives_from_them(describe, images):
+    height, width = 478, 640
+    integer_boxes = [[30, 40, 210, 300], [320, 110, 600, 400]]
+    masks = np.zeros((2, height, width), dtype=bool)
+    for mask, (x1, y1, x2, y2) in zip(masks, integer_boxes):
+        mask[y1:y2, x1:x2] = True
+    with_masks = describe(images[0], masks=masks, **GENERATION)
+    # Upstream's RLE rule keeps the last row/column holding the mask: (x1, y1, x2 - 1, y2 - 1).
+    derived = [[x1, y1, x2 - 1, y2 - 1] for x1, y1, x2, y2 in integer_boxes]
+    assert [result["box"] for result in with_masks] == [[float(v) for v in box] for box in derived]
+    with_boxes = describe(images[0], boxes=derived, **GENERATION)
+    assert [r["caption"] for r in with_masks] == [r["caption"] for r in with_boxes]
+
+
+def test_return_views_reports_what_the_image_processor_built(describe, images):
+    boxes = [[10, 20, 200, 300], [300, 100, 600, 400]]
+    results = describe(images[0], boxes=boxes, return_views=True, view_selection=[0.3, 0.6], **GENERATION)
+    features = describe.image_processor(PIL.Image.open(images[0]), boxes=[boxes], view_selection=[0.3, 0.6])
+    for index, result in enumerate(results):
+        assert result["views"]["ratios"] == pytest.approx([0.0, 0.3, 0.6])
+        assert result["views"]["crop_boxes"] == features["crop_boxes"][index].tolist()
+        assert result["views"]["view_boxes"] == features["view_boxes"][index].tolist()
+
+
+def test_images_from_a_url(describe, images):
+    folder, name = images[0].rsplit("/", 1)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{name}"
+        from_url = describe(url, boxes=[[10, 20, 200, 300]], **GENERATION)
+        with pytest.raises(ValueError, match="could not download"):
+            describe(url + ".missing", boxes=[[10, 20, 200, 300]], **GENERATION)
+    finally:
+        server.shutdown()
+    assert (
+        from_url[0]["caption"] == describe(images[0], boxes=[[10, 20, 200, 300]], **GENERATION)[0]["caption"]
+    )
+
+
+def test_bfloat16_weights(model_folder, images):
+    describe_bf16 = pipeline("region-captioning", model=str(model_folder), device="cpu", dtype=torch.bfloat16)
+    assert describe_bf16.model.dtype == torch.bfloat16
+    results = describe_bf16(images[0], boxes=[[10, 20, 200, 300], [300, 100, 600, 400]], **GENERATION)
+    assert len(results) == 2 and all(isinstance(result["caption"], str) for result in results)
+
+
+def test_progress_bar_counts_regions(describe, images, capsys):
+    describe(images[0], boxes=[[10, 20, 200, 300]] * 3, batch_size=1, progress_bar=True, max_new_tokens=2)
+    assert "3/3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda d, image: d(image), ValueError, "no regions given"),
+        (lambda d, image: d(image, boxes=[]), ValueError, "boxes is empty"),
+        (lambda d, image: d(image, boxes=[[1, 2, 3]]), ValueError, r"\[\[x1, y1, x2, y2\], \.\.\.\]"),
+        (lambda d, image: d(image, boxes=[[5, 5, 1, 1]]), ValueError, "x1 <= x2"),
+        (lambda d, image: d(image, boxes=[[1, 1, 9, 9]], masks=np.ones((1, 9, 9))), ValueError, "not both"),
+        (
+            lambda d, image: d(image, masks=np.zeros((1, 478, 640), bool)),
+            ValueError,
+            "mask 0: the mask is empty",
+        ),
+        (lambda d, image: d(image, masks=np.ones((1, 4, 4), bool)), ValueError, "masks are 4x4"),
+        (lambda d, image: d([image, image], boxes=[[[1, 1, 9, 9]]]), ValueError, "one entry per image"),
+        (
+            lambda d, image: d(image, boxes=[[1, 1, 9, 9]], controls=[["a"], ["b"]]),
+            ValueError,
+            "controls has 2",
+        ),
+        (lambda d, image: d(image, boxes=[[1, 1, 9, 9]], batch_size=0), ValueError, "batch_size"),
+        (
+            lambda d, image: d("no/such/image.jpg", boxes=[[1, 1, 9, 9]]),
+            FileNotFoundError,
+            "no/such/image.jpg",
+        ),
+    ],
+)
+def test_bad_input_is_named(describe, images, call, error, message):
+    with pytest.raises(error, match=message):
+        call(describe, images[0])
+
+
+def test_unreadable_image_file(describe, tmp_path):
+    path = tmp_path / "not_an_image.jpg"
+    path.write_text("hello")
+    with pytest.raises(ValueError, match="not a readable image"):
+        describe(str(path), boxes=[[1, 1, 9, 9]])
