@@ -11,7 +11,13 @@ import importlib
 import sys
 
 # Modules that contribute subcommands, in the order they are listed by ``dynrefer --help``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "dynrefer_hf.commands.caption",
+    "dynrefer_hf.commands.info",
+    "dynrefer_hf.commands.train_demo",
+    "dynrefer_hf.commands.scene",
+    "dynrefer_hf.commands.convert",
+)
 
 
 class CommandError(Exception):
@@ -43,4 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m dynrefer_hf.cli` this file is `__main__`; run the package's copy so that the
+    # CommandError raised by the subcommands is the class caught in `main`.
+    from dynrefer_hf.cli import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,194 @@
+"""Training pieces: control-word sampling, the collator, label-table embeddings, the label losses, the
+Trainer subclass and the evaluation loop, on tiny models and a few synthetic scenes."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import make_tiny_config, make_tiny_tokenizer
+
+from dynrefer_hf.data import SHAPES_VOCABULARY, shapes_split
+from dynrefer_hf.data.collator import RegionTrainingCollator, sample_control_words
+from dynrefer_hf.evaluation import evaluate_regions
+from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
+from dynrefer_hf.metrics import attribute_map, cider_d, class_accuracy
+from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning
+from dynrefer_hf.processing_dynrefer import DynReferProcessor
+from dynrefer_hf.training import (
+    RegionTrainer,
+    attribute_groups,
+    bag_of_words_embeddings,
+    label_supervision_losses,
+)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return shapes_split("train", 2, seed=5)
+
+
+def _processor():
+    return DynReferProcessor(DynReferImageProcessor(size={"height": 56, "width": 56}), make_tiny_tokenizer())
+
+
+def _shapes_model(seed=0):
+    vocabulary = SHAPES_VOCABULARY
+    config = make_tiny_config(
+        tag_names=list(vocabulary.tags),
+        attribute_names=list(vocabulary.attributes),
+        attribute_group_sizes=[1] * len(vocabulary.attributes),
+        attribute_prompts=[f"the {value}" for value in vocabulary.attribute_values],
+        class_names=list(vocabulary.classes),
+        class_prompts=[f"the {name}" for name in vocabulary.classes],
+    )
+    torch.manual_seed(seed)
+    return DynReferForRegionCaptioning(config)
+
+
+def test_bag_of_words_embeddings():
+    table = bag_of_words_embeddings(["the red red circle", "Blue"], ["red", "blue", "circle"], dim=4)
+    expected = torch.tensor([[2.0, 0, 1, 0], [0, 1, 0, 0]])
+    torch.testing.assert_close(table, expected / expected.norm(dim=1, keepdim=True))
+    with pytest.raises(ValueError, match="none of the embedding words"):
+        bag_of_words_embeddings(["a dog"], ["red"])
+    with pytest.raises(ValueError, match="smaller than"):
+        bag_of_words_embeddings(["red"], ["red", "blue"], dim=1)
+
+
+def test_sample_control_words_follows_upstream_rates():
+    candidates = ["red", "circle", "blue"]
+    rng = random.Random(0)
+    draws = [sample_control_words(candidates, rng) for _ in range(4000)]
+    assert all(set(draw) <= set(candidates) and len(draw) == len(set(draw)) for draw in draws)
+    # empty: 0.5 (full drop) + 0.5 * 0.5**3 (every word dropped)
+    assert np.mean([draw == [] for draw in draws]) == pytest.approx(0.5 + 0.5 * 0.125, abs=0.03)
+    # each word kept with probability 0.5 * 0.5
+    assert np.mean(["red" in draw for draw in draws]) == pytest.approx(0.25, abs=0.03)
+    # shuffled: "circle" is not always after "red" when both are kept
+    orders = {tuple(w for w in draw if w in ("red", "circle")) for draw in draws}
+    assert {("red", "circle"), ("circle", "red")} <= orders
+    again = random.Random(0)
+    assert [sample_control_words(candidates, again) for _ in range(4000)] == draws
+
+
+def test_collator_builds_every_target(scenes):
+    records = [scenes[0], scenes[1]]
+    collator = RegionTrainingCollator(_processor(), SHAPES_VOCABULARY, seed=3)
+    batch = collator(records)
+    regions = sum(len(record["boxes"]) for record in records)
+    assert batch["pixel_values"].shape == (regions, 3, 3, 56, 56)
+    assert batch["view_boxes"].shape == (regions, 3, 4)
+    assert batch["labels"].shape[0] == regions and batch["input_ids"].shape[0] == regions
+    flat_tags = [tags for record in records for tags in record["tags"]]
+    for row, tags in zip(batch["tag_labels"], flat_tags):
+        assert {SHAPES_VOCABULARY.tags[i] for i in row.nonzero().flatten().tolist()} == set(tags)
+    expected_attributes = [labels for record in records for labels in record["attributes"]]
+    assert batch["attribute_labels"].tolist() == expected_attributes
+    assert batch["class_labels"].tolist() == [label for record in records for label in record["classes"]]
+    # view 0 is the tight box and the others are drawn at random, reproducibly from the seed
+    again = RegionTrainingCollator(_processor(), SHAPES_VOCABULARY, seed=3)(records)
+    for key in batch:
+        torch.testing.assert_close(batch[key], again[key])
+    other = RegionTrainingCollator(_processor(), SHAPES_VOCABULARY, seed=4)(records)
+    assert not torch.equal(batch["pixel_values"], other["pixel_values"])
+    with pytest.raises(ValueError, match="empty batch"):
+        collator([])
+
+
+def test_label_supervision_losses_against_a_direct_computation():
+    model = _shapes_model().eval()
+    regions = 5
+    queries = torch.randn(regions, model.config.num_query_tokens, model.config.qformer_config.hidden_size)
+    generator = torch.Generator().manual_seed(0)
+    attribute_labels = torch.randint(-1, 2, (regions, model.config.num_attributes), generator=generator)
+    class_labels = torch.tensor([0, 3, -1, 5, 2])
+    # the region's colour, texture and size: exactly one positive in each group for regions 0-3
+    groups = attribute_groups(model.config.attribute_names)
+    single = torch.zeros(regions, model.config.num_attributes, dtype=torch.long)
+    for row in range(4):
+        for columns in groups:
+            single[row, columns[row % len(columns)]] = 1
+    single[4] = -1
+
+    with torch.no_grad():
+        scale, bias = model.attr_t.exp(), model.attr_b
+        logits = model.attribute_similarity(queries, model.att_embeds) * scale + bias
+        class_logits = model.attribute_similarity(queries, model.ov_embeds) * scale
+        bce, class_loss = label_supervision_losses(model, queries, attribute_labels, class_labels, "bce")
+        softmax, _ = label_supervision_losses(model, queries, single, class_labels, "group_softmax")
+
+    kept = attribute_labels != -1
+    torch.testing.assert_close(
+        bce, F.binary_cross_entropy_with_logits(logits[kept], attribute_labels[kept].float())
+    )
+    expected_class = np.mean(
+        [
+            -torch.log_softmax(class_logits[row], 0)[label].item()
+            for row, label in enumerate(class_labels.tolist())
+            if label >= 0
+        ]
+    )
+    assert class_loss.item() == pytest.approx(expected_class, rel=1e-5)
+    terms = [
+        -torch.log_softmax(logits[row, columns], 0)[single[row, columns].argmax()].item()
+        for row in range(4)
+        for columns in groups
+    ]
+    assert softmax.item() == pytest.approx(np.mean(terms), rel=1e-5)
+    with pytest.raises(ValueError, match="attribute_loss"):
+        label_supervision_losses(model, queries, single, class_labels, "hinge")
+
+
+def test_region_trainer_trains_and_logs_every_loss_part(scenes, tmp_path):
+    from transformers import TrainingArguments
+
+    model = _shapes_model()
+    model.set_trainable([name for name, _ in model.named_children()])
+    before = model.attr_fc.weight.detach().clone()
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=1,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = RegionTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=scenes,
+        data_collator=RegionTrainingCollator(_processor(), SHAPES_VOCABULARY),
+        attribute_loss="group_softmax",
+        probe_loss_weight=1.0,
+    )
+    probe_before = trainer.probe.weight.detach().clone()
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        parts = ("loss_llm", "loss_tag", "loss_attribute", "loss_class", "loss_probe")
+        assert set(parts) <= set(entry) and all(np.isfinite(entry[key]) for key in parts)
+    assert not torch.equal(before, model.attr_fc.weight)
+    assert not torch.equal(probe_before, trainer.probe.weight)  # the probe is optimised with the model
+    assert not any(name.startswith("probe") for name in model.state_dict())  # and is not part of it
+
+
+def test_evaluate_regions_scores_the_predictions(scenes):
+    model = _shapes_model().eval()
+    result = evaluate_regions(model, _processor(), scenes, batch_images=1, max_new_tokens=4, num_beams=1)
+    references = [caption for captions in scenes["captions"] for caption in captions]
+    assert result.num_regions == len(references) == len(result.predictions)
+    candidates = [prediction["caption"] for prediction in result.predictions]
+    assert result.cider_d == pytest.approx(cider_d(candidates, [[r] for r in references]).score)
+    labels = np.array([labels for rows in scenes["attributes"] for labels in rows])
+    scores = np.array([prediction["attribute_scores"] for prediction in result.predictions])
+    assert result.attribute_map == pytest.approx(attribute_map(scores, labels).map)
+    classes = np.array([label for labels in scenes["classes"] for label in labels])
+    class_scores = np.array([prediction["class_scores"] for prediction in result.predictions])
+    assert result.class_accuracy == pytest.approx(class_accuracy(class_scores, classes))
+    assert set(result.percentages()) == {"cider_d", "attribute_map", "class_accuracy"}
