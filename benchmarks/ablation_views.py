@@ -25,10 +25,12 @@ import argparse
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +74,7 @@ TASK_PRIOR_EVALUATIONS = (
 )
 
 
-def budget(smoke: bool) -> dict:
+def budget(smoke: bool, max_train_minutes: float = 10.0) -> dict:
     """The settings shared by every variant: one training budget."""
     if smoke:
         return {
@@ -85,13 +87,24 @@ def budget(smoke: bool) -> dict:
             "eval_batch_images": 4,
         }
     # 1000 steps: 5-10 minutes per training on 2 shared cores.
-    return {"num_train_images": 2000, "num_test_images": 100, "epochs": 2.0, "max_train_minutes": 10.0}
+    return {
+        "num_train_images": 2000,
+        "num_test_images": 100,
+        "epochs": 2.0,
+        "max_train_minutes": max_train_minutes,
+    }
 
 
-def run_variant(name: str, seed: int, smoke: bool, log) -> dict[str, dict]:
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_variant(name: str, seed: int, smoke: bool, max_train_minutes: float, threads: int) -> dict[str, dict]:
     """Train variant ``name`` with ``seed`` and return {variant: scores} (variant e also yields f)."""
+    torch.set_num_threads(threads)
+    log = _log
     description, changes = VARIANTS[name]
-    settings = ShapesDemoSettings(**{**budget(smoke), **changes, "seed": seed})
+    settings = ShapesDemoSettings(**{**budget(smoke, max_train_minutes), **changes, "seed": seed})
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as work_dir:
         run = train_demo_model(settings, work_dir, log=log, show_progress=False)
@@ -161,16 +174,26 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny data and a few steps: checks the script runs"
     )
+    parser.add_argument(
+        "--max-train-minutes", type=float, default=10.0, help="training time cap of every run (the budget)"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="trainings run side by side, each on cores / jobs threads"
+    )
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.smoke else args.seeds
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    threads = max(1, torch.get_num_threads() // args.jobs)
 
     runs: dict[str, list[dict]] = {}
-    for name in args.variants:
-        for seed in seeds:
-            for variant, scores in run_variant(name, seed, args.smoke, log).items():
+    trainings = [(name, seed) for name in args.variants for seed in seeds]
+    # Separate processes: each training sets its own thread count and frees its memory when it ends.
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(run_variant, name, seed, args.smoke, args.max_train_minutes, threads)
+            for name, seed in trainings
+        ]
+        for future in futures:
+            for variant, scores in future.result().items():
                 runs.setdefault(variant, []).append(scores)
     summary = summarise(runs)
     rendered = table(summary)
@@ -180,8 +203,9 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": platform.platform(),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "budget": budget(args.smoke),
+        "threads_per_run": threads,
+        "budget": budget(args.smoke, args.max_train_minutes),
+        "jobs": args.jobs,
         "seeds": seeds,
         "runs": runs,
         "summary": summary,
@@ -194,7 +218,8 @@ def main() -> None:
         (ROOT / "docs" / "ablation_views.md").write_text(
             "# View ablation on the shapes scenes\n\n"
             "Written by `benchmarks/ablation_views.py` (see its docstring for the variants); mean ± standard "
-            f"deviation over seeds {seeds}, scores x 100, test split of {budget(False)['num_test_images']} scenes.\n\n"
+            f"deviation over seeds {seeds}, scores x 100, test split of {budget(False)['num_test_images']} scenes, "
+            f"training capped at {args.max_train_minutes:g} minutes per run, {args.jobs} run(s) side by side.\n\n"
             + rendered
             + "\n"
         )
