@@ -984,7 +984,9 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
     def encode_texts(self, texts: Sequence[str], tokenizer, batch_size: int = 64) -> torch.Tensor:
         """Text-encoder embeddings `[M, text_embed_dim]` (EOT token, projected, not normalised; model.md §10).
 
-        `tokenizer` is the text encoder's CLIP tokenizer; texts are padded to its max length (77) and truncated.
+        `tokenizer` is the text encoder's CLIP tokenizer; texts are truncated to its max length (77) and each
+        batch is padded to its longest text: upstream pads to 77, which gives the same vectors at several times
+        the cost.
         """
         if self.text_encoder is None:
             raise ValueError(
@@ -1002,12 +1004,12 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             for start in range(0, len(texts), batch_size):
                 ids = tokenizer(
                     texts[start : start + batch_size],
-                    padding="max_length",
+                    padding="longest",
                     max_length=self.config.text_encoder_config.max_position_embeddings,
                     truncation=True,
                     return_tensors="pt",
                 ).input_ids.to(device)
-                # causal attention only, as upstream: padding after EOT cannot reach the EOT token
+                # causal attention only, as upstream: padding after EOT cannot reach the EOT token, so its length is free
                 chunks.append(self.text_encoder(input_ids=ids).text_embeds.float())
         return torch.cat(chunks)
 
