@@ -1,6 +1,6 @@
 """The paper's view ablation in miniature, on the synthetic shapes scenes.
 
-The demonstration DynRefer (dynrefer_hf.shapes_demo) is trained and evaluated with six view settings, under
+The demonstration DynRefer (dynrefer_hf.shapes) is trained and evaluated with six view settings, under
 the same budget (the same scenes, steps and model sizes; only the views change), with several seeds each:
 
     a  tight crop only                        1 view  (t = 0)
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynrefer_hf.shapes_demo import ShapesDemoSettings, evaluate_demo_model, train_demo_model
+from dynrefer_hf.shapes import ShapesDemoSettings, evaluate_demo_model, train_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("attribute_map", "class_accuracy", "cider_d")

@@ -72,7 +72,7 @@ def main() -> None:
         model = save_tiny_region_captioner(tempfile.mkdtemp(prefix="bench_pipeline_"))
     describe = pipeline("region-captioning", model=str(model), device=args.device)
     device = describe.device
-    image = dynrefer_hf.pipeline_region_captioning.load_rgb_image(PHOTO)
+    image = dynrefer_hf.pipelines.load_rgb_image(PHOTO)
     boxes = random_boxes(args.regions, *image.size)
     generation = {"max_new_tokens": args.max_new_tokens, "progress_bar": False}
     describe(image, boxes=boxes[:2], **generation)  # warm-up

@@ -24,20 +24,21 @@ from transformers import AutoTokenizer, TrainingArguments
 
 import dynrefer_hf  # noqa: F401  (registers the model type)
 from dynrefer_hf.configuration_dynrefer import DEFAULT_TRAINABLE_MODULES
-from dynrefer_hf.data import RegionVocabulary, shapes_split
-from dynrefer_hf.data.collator import RegionTrainingCollator
-from dynrefer_hf.finetuning import (
+from dynrefer_hf.data import RegionVocabulary
+from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning
+from dynrefer_hf.processing_dynrefer import DynReferProcessor
+from dynrefer_hf.shapes import shapes_split
+from dynrefer_hf.training import (
     UPSTREAM_LORA_TARGETS,
     CaptionEmbeddingTrainer,
     CaptionTextCollator,
     OneRegionPerSample,
+    RegionTrainingCollator,
     add_language_model_lora,
+    bag_of_words_embeddings,
     language_model_lora_config,
     merge_language_model_lora,
 )
-from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning
-from dynrefer_hf.processing_dynrefer import DynReferProcessor
-from dynrefer_hf.training import bag_of_words_embeddings
 
 TARGET_KEYS = ("tag_labels", "attribute_labels", "class_labels")
 
@@ -129,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def tiny_settings(seed: int):
-    from dynrefer_hf.shapes_demo import ShapesDemoSettings
+    from dynrefer_hf.shapes import ShapesDemoSettings
 
     return ShapesDemoSettings(
         view_size=32,
@@ -146,14 +147,14 @@ def tiny_settings(seed: int):
 
 def build_tiny_model(tokenizer, seed: int):
     """A tiny shapes model over ``tokenizer``, built as the demonstration model is (shapes_demo.py)."""
-    from dynrefer_hf.shapes_demo import build_demo_model
+    from dynrefer_hf.shapes import build_demo_model
 
     return build_demo_model(tokenizer, tiny_settings(seed))
 
 
 def build_tiny(num_images: int, seed: int):
     """A tiny shapes model and its processor (tokenizer trained on the scenes' captions)."""
-    from dynrefer_hf.shapes_demo import build_demo_processor
+    from dynrefer_hf.shapes import build_demo_processor
 
     scenes = shapes_split("train", num_images, seed=seed)
     captions = [caption for captions in scenes["captions"] for caption in captions]

@@ -11,8 +11,7 @@ import argparse
 from transformers import pipeline
 
 import dynrefer_hf  # noqa: F401  (registers the model type and the "region-captioning" task)
-from dynrefer_hf.data import shapes_split
-from dynrefer_hf.shapes_demo import ShapesDemoSettings, train_shapes_demo
+from dynrefer_hf.shapes import ShapesDemoSettings, shapes_split, train_shapes_demo
 
 
 def main() -> None:

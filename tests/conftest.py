@@ -16,15 +16,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data`` beside the clone (present in CI)."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data folder not found at {SHARED_DATA}")
-    return SHARED_DATA
+def fixtures_dir() -> Path:
+    """``tests/fixtures``: the vendored COCO images and golden view vectors (tests/fixtures/README.md)."""
+    return FIXTURES_DIR
 
 
 @pytest.fixture(scope="session")

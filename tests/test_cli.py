@@ -31,8 +31,8 @@ def run_dynrefer(*args):
 
 
 @pytest.fixture(scope="module")
-def image_path(shared_data):
-    return str(shared_data / "images" / "COCO_val2014_000000000042.jpg")
+def image_path(fixtures_dir):
+    return str(fixtures_dir / "images" / "COCO_val2014_000000000042.jpg")
 
 
 @pytest.fixture(scope="module")

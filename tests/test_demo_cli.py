@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from dynrefer_hf.cli import main
-from dynrefer_hf.data import shapes_split
+from dynrefer_hf.shapes import shapes_split
 
 
 def test_scene_writes_a_test_scene_and_prints_its_boxes(tmp_path, capsys):

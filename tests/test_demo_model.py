@@ -14,9 +14,9 @@ import pytest
 from transformers import AutoModel, AutoProcessor
 
 import dynrefer_hf  # noqa: F401  (registers the Auto classes)
-from dynrefer_hf.data import shapes_split
 from dynrefer_hf.evaluation import evaluate_regions
 from dynrefer_hf.pretrained import SHAPES_DEMO_PATH
+from dynrefer_hf.shapes import shapes_split
 
 TOLERANCE = {"cider_d": 3.0, "attribute_map": 2.0, "class_accuracy": 2.5}
 MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024

@@ -66,9 +66,9 @@ WORKER = textwrap.dedent(
 
     from tiny import make_tiny_config, make_tiny_tokenizer
     from test_distributed import EXAMPLE, SPLITS, TINY_RUN, contrastive_inputs, contrastive_model
-    from dynrefer_hf.data import SHAPES_VOCABULARY, shapes_split
-    from dynrefer_hf.data.collator import RegionTrainingCollator
-    from dynrefer_hf.finetuning import CaptionEmbeddingTrainer, CaptionTextCollator
+    from dynrefer_hf.shapes import SHAPES_VOCABULARY, shapes_split
+    from dynrefer_hf.training import RegionTrainingCollator
+    from dynrefer_hf.training import CaptionEmbeddingTrainer, CaptionTextCollator
     from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
     from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning
     from dynrefer_hf.processing_dynrefer import DynReferProcessor

@@ -7,8 +7,9 @@ from tiny import make_tiny_model, make_tiny_tokenizer
 from torch import nn
 
 from dynrefer_hf.configuration_dynrefer import DEFAULT_TRAINABLE_MODULES
-from dynrefer_hf.data import SHAPES_VOCABULARY, shapes_split, validate_region_record
-from dynrefer_hf.finetuning import (
+from dynrefer_hf.data import validate_region_record
+from dynrefer_hf.shapes import SHAPES_VOCABULARY, shapes_split
+from dynrefer_hf.training import (
     UPSTREAM_LORA_TARGETS,
     CaptionEmbeddingTrainer,
     CaptionTextCollator,

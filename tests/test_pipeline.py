@@ -11,7 +11,7 @@ import torch
 from transformers import pipeline
 
 import dynrefer_hf  # noqa: F401  (registers the task)
-from dynrefer_hf.pipeline_region_captioning import RegionCaptioningPipeline
+from dynrefer_hf.pipelines import RegionCaptioningPipeline
 
 GENERATION = {"max_new_tokens": 5, "min_length": 3}
 BF16_STEP = 2.0**-8  # head scores are rounded to bfloat16: float noise can move them by one step
@@ -28,8 +28,8 @@ def describe(model_folder):
 
 
 @pytest.fixture(scope="module")
-def images(shared_data):
-    paths = sorted((shared_data / "images").glob("*.jpg"))[:2]
+def images(fixtures_dir):
+    paths = sorted((fixtures_dir / "images").glob("*.jpg"))[:2]
     return [str(path) for path in paths]
 
 

@@ -18,13 +18,13 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
-def golden(shared_data):
-    return json.loads((shared_data / "golden_views.json").read_text())
+def golden(fixtures_dir):
+    return json.loads((fixtures_dir / "golden_views.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def photo(shared_data):
-    return Image.open(shared_data / "images" / "COCO_val2014_000000000192.jpg").convert("RGB")
+def photo(fixtures_dir):
+    return Image.open(fixtures_dir / "images" / "COCO_val2014_000000000192.jpg").convert("RGB")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def _direct_pixels(image: Image.Image, crop_box) -> np.ndarray:
 # ------------------------------------------------------------------------------------- golden / batch
 
 
-def test_golden_views_through_the_processor_in_one_batch(golden, shared_data, image_processor):
-    images = [Image.open(shared_data / "images" / c["image"]).convert("RGB") for c in golden["cases"]]
+def test_golden_views_through_the_processor_in_one_batch(golden, fixtures_dir, image_processor):
+    images = [Image.open(fixtures_dir / "images" / c["image"]).convert("RGB") for c in golden["cases"]]
     boxes = [[r["input_box_xyxy"] for r in c["regions"]] for c in golden["cases"]]
     out = image_processor(images, boxes=boxes)
     regions = [r for c in golden["cases"] for r in c["regions"]]
@@ -65,8 +65,8 @@ def test_golden_views_through_the_processor_in_one_batch(golden, shared_data, im
     assert out["view_boxes"].dtype == torch.float32 and out["crop_boxes"].dtype == torch.int64
 
 
-def test_batch_equals_concatenated_single_calls(shared_data, image_processor, photo, small_image):
-    other = Image.open(shared_data / "images" / "COCO_val2014_000000000241.jpg").convert("RGB")
+def test_batch_equals_concatenated_single_calls(fixtures_dir, image_processor, photo, small_image):
+    other = Image.open(fixtures_dir / "images" / "COCO_val2014_000000000241.jpg").convert("RGB")
     boxes = [[[10, 20, 200, 220], [300.5, 40.2, 420.8, 300.1]], [[5, 5, 40, 30]], [[0, 0, 640, 100]]]
     batch = image_processor([photo, small_image, other], boxes=boxes)
     singles = [image_processor(image, boxes=b) for image, b in zip([photo, small_image, other], boxes)]

@@ -3,13 +3,8 @@
 import numpy as np
 import pytest
 
-from dynrefer_hf.data import (
-    SHAPES_VOCABULARY,
-    build_shapes_dataset,
-    region_features,
-    shapes_split,
-    validate_region_record,
-)
+from dynrefer_hf.data import region_features, validate_region_record
+from dynrefer_hf.shapes import SHAPES_VOCABULARY, build_shapes_dataset, shapes_split
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from dynrefer_hf.tokenization import train_t5_style_tokenizer
+from dynrefer_hf.shapes import train_t5_style_tokenizer
 
 CORPUS = ["a red striped circle left of a blue square", "the dog lies on the grass", "person,dog|"]
 

@@ -9,18 +9,19 @@ import torch
 import torch.nn.functional as F
 from tiny import make_tiny_config, make_tiny_tokenizer
 
-from dynrefer_hf.data import SHAPES_VOCABULARY, shapes_split
-from dynrefer_hf.data.collator import RegionTrainingCollator, sample_control_words
 from dynrefer_hf.evaluation import evaluate_regions
 from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
 from dynrefer_hf.metrics import attribute_map, cider_d, class_accuracy
 from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning
 from dynrefer_hf.processing_dynrefer import DynReferProcessor
+from dynrefer_hf.shapes import SHAPES_VOCABULARY, shapes_split
 from dynrefer_hf.training import (
     RegionTrainer,
+    RegionTrainingCollator,
     attribute_groups,
     bag_of_words_embeddings,
     label_supervision_losses,
+    sample_control_words,
 )
 
 

@@ -15,8 +15,8 @@ from dynrefer_hf import views
 
 
 @pytest.fixture(scope="module")
-def golden(shared_data):
-    return json.loads((shared_data / "golden_views.json").read_text())
+def golden(fixtures_dir):
+    return json.loads((fixtures_dir / "golden_views.json").read_text())
 
 
 @functools.cache
@@ -81,11 +81,11 @@ def _torchvision_box_resize(relative: list[int], crop_w: int, crop_h: int, size:
 # --------------------------------------------------------------------------------------------- golden
 
 
-def test_golden_views_reproduced_in_full(golden, shared_data):
+def test_golden_views_reproduced_in_full(golden, fixtures_dir):
     """Every region of golden_views.json: pHash bits, distances, selected t, float32 views, crops, 224-px boxes."""
     assert len(golden["cases"]) == 14 and sum(len(c["regions"]) for c in golden["cases"]) == 56
     for case in golden["cases"]:
-        rgb = _image(str(shared_data / "images" / case["image"]))
+        rgb = _image(str(fixtures_dir / "images" / case["image"]))
         assert rgb.shape[:2] == (case["height"], case["width"])
         grey = views.rgb_to_grey(rgb)
         box_hash = functools.partial(views.region_phash, grey)
@@ -115,15 +115,15 @@ def test_golden_223_case_present(golden):
 # ----------------------------------------------------------------------------------- pHash references
 
 
-def test_grey_matches_per_pixel_reference(shared_data):
-    rgb = _image(str(shared_data / "images" / "COCO_val2014_000000000042.jpg"))[100:140, 200:260]
+def test_grey_matches_per_pixel_reference(fixtures_dir):
+    rgb = _image(str(fixtures_dir / "images" / "COCO_val2014_000000000042.jpg"))[100:140, 200:260]
     assert np.array_equal(views.rgb_to_grey(rgb), _reference_grey(rgb))
     every_colour = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     assert np.array_equal(views.rgb_to_grey(every_colour), _reference_grey(every_colour))
 
 
-def test_region_phash_matches_full_resize_and_dct(shared_data):
-    rgb = _image(str(shared_data / "images" / "COCO_val2014_000000000139.jpg"))
+def test_region_phash_matches_full_resize_and_dct(fixtures_dir):
+    rgb = _image(str(fixtures_dir / "images" / "COCO_val2014_000000000139.jpg"))
     grey = views.rgb_to_grey(rgb)
     height, width = grey.shape
     rng = np.random.default_rng(1)
@@ -159,10 +159,10 @@ def test_resize_taps_follow_opencv():
         assert np.allclose(ours, cv2.resize(image, (224, 224)), atol=2e-2, rtol=0)
 
 
-def test_phash_bits_agree_with_opencv_on_shared_images(shared_data):
+def test_phash_bits_agree_with_opencv_on_fixture_images(fixtures_dir):
     cv2 = pytest.importorskip("cv2")
     for name in ["COCO_val2014_000000000073.jpg", "COCO_val2014_000000000415.jpg"]:
-        grey = views.rgb_to_grey(_image(str(shared_data / "images" / name)))
+        grey = views.rgb_to_grey(_image(str(fixtures_dir / "images" / name)))
         height, width = grey.shape
         for t in views.CANDIDATE_RATIOS:
             box = views.view_boxes(
@@ -185,9 +185,9 @@ def test_phash_empty_crop_raises():
         views.region_phash(np.zeros((10, 10), np.uint8), [5, 5, 5.5, 9])
 
 
-def test_standard_phash_is_imagehash_of_the_crop(shared_data):
+def test_standard_phash_is_imagehash_of_the_crop(fixtures_dir):
     imagehash = pytest.importorskip("imagehash")
-    image = Image.open(shared_data / "images" / "COCO_val2014_000000000074.jpg").convert("RGB")
+    image = Image.open(fixtures_dir / "images" / "COCO_val2014_000000000074.jpg").convert("RGB")
     expected = imagehash.phash(image.crop((40, 30, 300, 200))).hash.astype(int).ravel().tolist()
     assert views.standard_phash(image, [40.7, 30.2, 300.9, 200.5]).tolist() == expected
 

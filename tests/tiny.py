@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from dynrefer_hf.tokenization import train_t5_style_tokenizer
+from dynrefer_hf.shapes import train_t5_style_tokenizer
 
 TINY_CORPUS = (
     "a red striped circle left of a blue square",

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 from .configuration_dynrefer import DynReferConfig
 from .image_processing_dynrefer import DynReferImageProcessor
 from .modeling_dynrefer import DynReferForRegionCaptioning, DynReferOutput, DynReferPreTrainedModel
-from .pipeline_region_captioning import RegionCaptioningPipeline, register_pipeline
+from .pipelines import RegionCaptioningPipeline, register_pipeline
 from .processing_dynrefer import DynReferProcessor
 from .visualize import draw_regions, draw_views
 

@@ -1,24 +1,9 @@
-"""Region datasets: the shared record schema and the synthetic shapes scenes."""
+"""Region datasets: the shared record schema (docs/data.md)."""
 
+from .._deprecation import moved_module
 from .schema import ATTRIBUTE_IGNORE, RegionVocabulary, region_features, validate_region_record
-from .shapes import (
-    SHAPES_SPLITS,
-    SHAPES_VOCABULARY,
-    build_shapes_dataset,
-    generate_scene,
-    scene_record,
-    shapes_split,
-)
 
-__all__ = [
-    "ATTRIBUTE_IGNORE",
-    "SHAPES_SPLITS",
-    "SHAPES_VOCABULARY",
-    "RegionVocabulary",
-    "build_shapes_dataset",
-    "generate_scene",
-    "region_features",
-    "scene_record",
-    "shapes_split",
-    "validate_region_record",
-]
+__all__ = ["ATTRIBUTE_IGNORE", "RegionVocabulary", "region_features", "validate_region_record"]
+
+# The shapes scenes moved to `dynrefer_hf.shapes`.
+__getattr__ = moved_module(__name__, "dynrefer_hf.shapes")

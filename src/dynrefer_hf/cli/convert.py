@@ -9,8 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import CommandError
-from .caption import parse_box
+from .common import parse_box
+from .errors import CommandError
 
 __all__ = ["register", "run_check", "run_convert", "run_push"]
 
@@ -173,13 +173,13 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_check(model: str, image_path: str | None, box: list[float] | None, device: str | None) -> None:
     """Load `model` through the pipeline and print the description of one region."""
-    from ..pipeline_region_captioning import load_rgb_image
-    from ._loading import load_region_captioner
+    from ..pipelines.region_captioning import load_rgb_image
+    from .common import load_region_captioner
 
     if image_path is None:
         import numpy as np
 
-        from ..data.shapes import generate_scene
+        from ..shapes.scenes import generate_scene
 
         scene = generate_scene(np.random.default_rng(0))
         image, box = scene.image, list(scene.objects[0].box)

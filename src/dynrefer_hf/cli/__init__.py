@@ -1,7 +1,8 @@
 """The ``dynrefer`` console script.
 
-Each subcommand lives in its own module, which exposes ``register(subparsers)``; that function adds
-an ``argparse`` sub-parser whose ``func`` default takes the parsed arguments and returns an exit code.
+Each subcommand lives in its own module of this package, which exposes ``register(subparsers)``; that
+function adds an ``argparse`` sub-parser whose ``func`` default takes the parsed arguments and returns an
+exit code. Subcommands share helpers through `common` and never import each other.
 """
 
 from __future__ import annotations
@@ -10,18 +11,18 @@ import argparse
 import importlib
 import sys
 
+from .errors import CommandError
+
+__all__ = ["COMMAND_MODULES", "CommandError", "build_parser", "main"]
+
 # Modules that contribute subcommands, in the order they are listed by ``dynrefer --help``.
 COMMAND_MODULES: tuple[str, ...] = (
-    "dynrefer_hf.commands.caption",
-    "dynrefer_hf.commands.info",
-    "dynrefer_hf.commands.train_demo",
-    "dynrefer_hf.commands.scene",
-    "dynrefer_hf.commands.convert",
+    "dynrefer_hf.cli.caption",
+    "dynrefer_hf.cli.info",
+    "dynrefer_hf.cli.train_demo",
+    "dynrefer_hf.cli.scene",
+    "dynrefer_hf.cli.convert",
 )
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed as one sentence, exit code 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +47,3 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as error:
         print(f"dynrefer {args.command}: {error}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    # Under `python -m dynrefer_hf.cli` this file is `__main__`; run the package's copy so that the
-    # CommandError raised by the subcommands is the class caught in `main`.
-    from dynrefer_hf.cli import main as package_main
-
-    sys.exit(package_main())

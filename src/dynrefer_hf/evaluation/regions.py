@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data.schema import ATTRIBUTE_IGNORE
-from .metrics import attribute_map, cider_d, class_accuracy
+from ..data.schema import ATTRIBUTE_IGNORE
+from ..metrics import attribute_map, cider_d, class_accuracy
 
 __all__ = ["RegionEvaluation", "evaluate_regions", "predict_regions"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import CommandError
+from .errors import CommandError
 
 __all__ = ["register"]
 
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import shapes_split
+    from ..shapes import shapes_split
 
     if args.index < 0:
         raise CommandError(f"--index must be >= 0, got {args.index}")

@@ -12,23 +12,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..cli import CommandError
+from .common import parse_box
+from .errors import CommandError
 
-__all__ = ["format_table", "parse_box", "register"]
-
-
-def parse_box(text: str) -> list[float]:
-    """``"x1,y1,x2,y2"`` (pixels) as four floats, with x2 > x1 and y2 > y1."""
-    parts = text.replace(" ", "").split(",")
-    try:
-        box = [float(part) for part in parts]
-    except ValueError:
-        box = []
-    if len(box) != 4 or len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a box: expected four numbers x1,y1,x2,y2")
-    if not (box[2] > box[0] and box[3] > box[1]):
-        raise argparse.ArgumentTypeError(f"{text!r} is an empty box: x2 must exceed x1 and y2 must exceed y1")
-    return box
+__all__ = ["format_table", "register"]
 
 
 def register(subparsers) -> None:
@@ -75,9 +62,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline_region_captioning import DEFAULT_MODEL, load_rgb_image
+    from ..pipelines.region_captioning import DEFAULT_MODEL, load_rgb_image
     from ..visualize import draw_regions, draw_views
-    from ._loading import load_region_captioner
+    from .common import load_region_captioner
 
     if not args.boxes:
         raise CommandError("no regions given: add at least one --box x1,y1,x2,y2 (pixels)")

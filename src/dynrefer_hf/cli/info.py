@@ -56,7 +56,7 @@ def _parameter_counts(config) -> list[dict]:
 
 def model_summary(model: str, revision: str | None = None) -> dict:
     """The summary ``dynrefer info`` prints, as a dict."""
-    from ._loading import load_config
+    from .common import load_config
 
     config = load_config(model, revision)
     vision, qformer, text = config.vision_config, config.qformer_config, config.text_config
@@ -94,7 +94,7 @@ def _human(count: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline_region_captioning import DEFAULT_MODEL
+    from ..pipelines.region_captioning import DEFAULT_MODEL
 
     summary = model_summary(*((args.model, None) if args.model else DEFAULT_MODEL))
     if args.json:

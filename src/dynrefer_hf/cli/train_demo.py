@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import CommandError
+from .errors import CommandError
 
 __all__ = ["register"]
 
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..shapes_demo import ShapesDemoSettings, train_shapes_demo
+    from ..shapes import ShapesDemoSettings, train_shapes_demo
 
     given = {
         name: getattr(args, name)

@@ -1,12 +1,13 @@
-"""Loading models for the subcommands, with one-sentence errors instead of tracebacks."""
+"""Helpers shared by the subcommands: loading models with one-sentence errors, parsing boxes."""
 
 from __future__ import annotations
 
+import argparse
 import os
 
-from ..cli import CommandError
+from .errors import CommandError
 
-__all__ = ["load_config", "load_region_captioner"]
+__all__ = ["load_config", "load_region_captioner", "parse_box"]
 
 
 def _unavailable(model: str, error: OSError) -> CommandError:
@@ -51,3 +52,17 @@ def load_region_captioner(
         )
     except OSError as error:
         raise _unavailable(model, error) from None
+
+
+def parse_box(text: str) -> list[float]:
+    """``"x1,y1,x2,y2"`` (pixels) as four floats, with x2 > x1 and y2 > y1."""
+    parts = text.replace(" ", "").split(",")
+    try:
+        box = [float(part) for part in parts]
+    except ValueError:
+        box = []
+    if len(box) != 4 or len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a box: expected four numbers x1,y1,x2,y2")
+    if not (box[2] > box[0] and box[3] > box[1]):
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty box: x2 must exceed x1 and y2 must exceed y1")
+    return box

@@ -1,1 +1,0 @@
-"""Subcommands of the ``dynrefer`` console script (each module exposes ``register(subparsers)``)."""

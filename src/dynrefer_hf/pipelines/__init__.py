@@ -1,0 +1,19 @@
+"""Pipelines of the ``transformers.pipeline`` factory (``import dynrefer_hf`` registers them)."""
+
+from .region_captioning import (
+    DEFAULT_MODEL,
+    DEFAULT_REGION_BATCH_SIZE,
+    TASK,
+    RegionCaptioningPipeline,
+    load_rgb_image,
+    register_pipeline,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_REGION_BATCH_SIZE",
+    "TASK",
+    "RegionCaptioningPipeline",
+    "load_rgb_image",
+    "register_pipeline",
+]

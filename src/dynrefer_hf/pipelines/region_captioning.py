@@ -1,0 +1,460 @@
+"""The ``region-captioning`` pipeline: images and their regions in, one description per region out.
+
+``import dynrefer_hf`` registers the task, so that::
+
+    from transformers import pipeline
+
+    describe = pipeline("region-captioning", model="path/or/repo-id")
+    describe("photo.jpg", boxes=[[10, 20, 200, 180], [150, 40, 320, 300]])
+
+returns, for every region, ``{"box", "caption", "score", "tags", "attributes", "label"}``.
+Any number of regions per image is accepted; they are run through the model ``batch_size`` regions
+at a time, so memory stays bounded, and a region's result does not depend on which other regions
+share its chunk (see ``RegionCaptioningPipeline``).
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers.pipelines.base import ChunkPipeline
+from transformers.utils import logging
+
+from ..image_processing_dynrefer import to_rgb_array
+from ..pretrained import SHAPES_DEMO_PATH
+from ..views import mask_to_box
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_REGION_BATCH_SIZE",
+    "TASK",
+    "RegionCaptioningPipeline",
+    "load_rgb_image",
+    "register_pipeline",
+]
+
+# The model that `pipeline("region-captioning")` and the `dynrefer` command use when none is named:
+# (repository id or local folder, revision). The single place to change it.
+# Now the demonstration model shipped in the package (docs/demo_model.md), so that it works offline; the
+# converted release checkpoint is "callsys/dynrefer" (pass it as `model`).
+DEFAULT_MODEL: tuple[str, str | None] = (str(SHAPES_DEMO_PATH), None)
+
+TASK = "region-captioning"
+
+# Upstream describes regions in chunks of 20 (`split_size`, spec model.md §16).
+DEFAULT_REGION_BATCH_SIZE = 20
+
+# Marks a parameter the caller did not pass (where `None` is a meaningful value).
+_NOT_GIVEN = object()
+
+ImageInput = str | os.PathLike | PIL.Image.Image | np.ndarray
+
+
+def load_rgb_image(image: ImageInput, timeout: float | None = None) -> PIL.Image.Image:
+    """An RGB PIL image from a local path, an ``http(s)`` URL, a PIL image or a NumPy array.
+
+    NumPy arrays are ``uint8`` ``[H, W]`` (grey) or ``[H, W, 1|3|4]``. EXIF orientation is not applied,
+    as upstream opens images with ``Image.open(path).convert("RGB")``.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file or download that is not a readable image, or an array of the wrong shape.
+    """
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        return PIL.Image.fromarray(to_rgb_array(image))
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(
+            f"an image must be a path, a URL, a PIL image or a NumPy array, got {type(image).__name__}"
+        )
+    source = os.fspath(image)
+    if source.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(source, timeout=timeout) as response:
+                content = response.read()
+        except (urllib.error.URLError, TimeoutError) as error:
+            raise ValueError(f"could not download the image {source}: {error}") from error
+        return _open_image(BytesIO(content), source)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"image file not found: {source}")
+    return _open_image(source, source)
+
+
+def _open_image(file, name: str) -> PIL.Image.Image:
+    try:
+        with PIL.Image.open(file) as opened:
+            return opened.convert("RGB")
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{name} is not a readable image ({error})") from error
+
+
+def _region_controls(controls, num_regions: int) -> list | None:
+    """One entry of user control words per region (a comma-separated string or a list of words), or None.
+
+    ``controls`` is a string or a list of words, used for every region of the image, or a list with
+    one string / list of words (or None) per region. The model splits strings on commas and drops
+    empty words (``prompts.merge_control_words``).
+    """
+    if controls is None:
+        return None
+    if isinstance(controls, str) or all(isinstance(words, str) for words in controls):
+        return [controls] * num_regions
+    if len(controls) != num_regions:
+        raise ValueError(f"controls has {len(controls)} entries but the image has {num_regions} regions")
+    for words in controls:
+        if words is not None and not isinstance(words, (str, list, tuple)):
+            raise TypeError(
+                f"the controls of a region must be a string or a list of words, got {type(words).__name__}"
+            )
+    return [words or [] for words in controls]
+
+
+def _as_boxes(boxes) -> np.ndarray:
+    """``boxes`` as a float64 array [N, 4] (xyxy); the image processor checks the coordinates."""
+    try:
+        array = np.asarray(boxes.cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("boxes must be numbers shaped [[x1, y1, x2, y2], ...]") from None
+    if array.size == 0:
+        raise ValueError("boxes is empty: give at least one region")
+    if array.ndim == 1 and array.shape[0] == 4:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise ValueError(f"boxes must be [[x1, y1, x2, y2], ...], got an array of shape {list(array.shape)}")
+    return array
+
+
+def _as_masks(masks) -> np.ndarray:
+    """``masks`` as a boolean array [N, H, W]."""
+    array = np.asarray(masks.cpu() if isinstance(masks, torch.Tensor) else masks)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W], got an array of shape {list(array.shape)}")
+    if len(array) == 0:
+        raise ValueError("masks is empty: give at least one region")
+    return array.astype(bool)
+
+
+def register_pipeline() -> None:
+    """Register ``RegionCaptioningPipeline`` as the transformers task ``"region-captioning"``.
+
+    Called once by ``import dynrefer_hf``.
+    """
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    from ..modeling_dynrefer import DynReferForRegionCaptioning
+
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK,
+        pipeline_class=RegionCaptioningPipeline,
+        pt_model=DynReferForRegionCaptioning,
+        default={"model": DEFAULT_MODEL},
+        type="multimodal",
+    )
+
+
+def _count_regions(item: Mapping[str, Any]) -> int:
+    """How many regions an input dict holds (a single box [4] or mask [H, W] counts as one)."""
+    if "boxes" in item:
+        shape = np.shape(item["boxes"])
+        return 1 if len(shape) == 1 else shape[0]
+    shape = np.shape(item["masks"])
+    return 1 if len(shape) == 2 else shape[0]
+
+
+def _masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """The box of every mask [N, H, W] by upstream's rule (``views.mask_to_box``), as [N, 4] float64.
+
+    The image processor derives the same boxes from masks; deriving them here lets the pipeline report
+    them and send only boxes through its chunks.
+    """
+    boxes = []
+    for index, mask in enumerate(masks):
+        try:
+            boxes.append(mask_to_box(mask))
+        except ValueError as error:
+            raise ValueError(f"mask {index}: {error}") from None
+    return np.array(boxes, dtype=np.float64)
+
+
+class RegionCaptioningPipeline(ChunkPipeline):
+    """Describe image regions with a DynRefer model: a caption, its score, tags, attributes and a class.
+
+    Call it with an image (a path, URL, PIL image or ``[H, W, 3]`` uint8 array) and its regions::
+
+        pipe(image, boxes=[[x1, y1, x2, y2], ...])       # -> [region result, ...]
+        pipe(image, masks=bool_array_n_h_w)              # regions as masks
+        pipe([image_a, image_b], boxes=[boxes_a, boxes_b])  # -> [[...], [...]]
+        pipe([{"image": image_a, "boxes": boxes_a, "controls": "red"}, ...])
+
+    Keyword arguments:
+        boxes / masks: the regions of each image, xyxy pixel boxes [N, 4] or boolean masks [N, H, W].
+        controls: user control words put before the predicted tags in the control prompt: a
+            comma-separated string or a list of words for every region, or a list with one string
+            or list of words per region.
+        batch_size: regions per forward pass (default 20). Results do not depend on it.
+        view_selection, task: passed to the image processor (how the nested views are chosen).
+        tag_threshold: probability above which a tag is predicted (default: the model's).
+        attribute_top_k: how many attributes to return per region (default 5, ``None`` for all).
+        return_views: add each region's selected views (``"views"``: ratios, crop and view boxes).
+        progress_bar: ``True``/``False``, or ``None`` (default) for a bar on a terminal when the
+            call needs more than one forward pass.
+        generate_kwargs, max_new_tokens, num_beams, ...: generation parameters.
+
+    Each region gives ``{"box": [x1, y1, x2, y2], "caption": str, "score": float, "tags": [str],
+    "attributes": [{"name": str, "score": float}], "label": {"name": str, "score": float}}``.
+    ``score`` is the caption's sequence probability; attribute scores are probabilities; the label
+    score is the open-vocabulary matching score of the best class (higher is better, not a probability).
+
+    Chunks are independent: a region's view selection, tags and caption never depend on which
+    other regions share its forward pass (the control prompts are padded per chunk, and padding is
+    masked), so chunked and unchunked calls give the same results up to float rounding.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = True
+    _pipeline_calls_generate = True
+
+    def __call__(self, images, boxes=None, masks=None, controls=None, batch_size=None, **kwargs):
+        """Describe the regions of one image (returns a list of region results) or of a list of images
+        (returns one such list per image). See the class docstring for the arguments."""
+        region_batch_size = (
+            batch_size if batch_size is not None else self._batch_size or DEFAULT_REGION_BATCH_SIZE
+        )
+        if not isinstance(region_batch_size, int) or region_batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of regions, got {region_batch_size!r}")
+        inputs = self._gather_inputs(images, boxes, masks, controls)
+        items = inputs if isinstance(inputs, list) else [inputs] if isinstance(inputs, dict) else None
+        progress = None
+        if items is not None:
+            num_regions = sum(_count_regions(item) for item in items)
+            progress = self._progress_bar(kwargs.pop("progress_bar", None), num_regions, region_batch_size)
+        elif kwargs.pop("progress_bar", None):
+            raise ValueError(
+                "progress_bar needs a single image or a list of images, not a dataset or generator"
+            )
+        try:
+            return super().__call__(
+                inputs, batch_size=1, region_batch_size=region_batch_size, progress=progress, **kwargs
+            )
+        finally:
+            if progress is not None:
+                progress.close()
+
+    @staticmethod
+    def _gather_inputs(images, boxes, masks, controls):
+        """Pack the call's arguments into one dict per image: {"image", "boxes" | "masks", "controls"}."""
+        if boxes is not None and masks is not None:
+            raise ValueError("give the regions either as boxes or as masks, not both")
+        regions_key, regions = ("boxes", boxes) if boxes is not None else ("masks", masks)
+
+        def pack(item, item_regions):
+            packed = dict(item) if isinstance(item, Mapping) else {"image": item}
+            if "image" not in packed:
+                raise ValueError("an input dict needs an 'image' key")
+            if item_regions is not None:
+                packed[regions_key] = item_regions
+            if "boxes" in packed and "masks" in packed:
+                raise ValueError("give the regions either as boxes or as masks, not both")
+            if "boxes" not in packed and "masks" not in packed:
+                raise ValueError(
+                    "no regions given: pass boxes=[[x1, y1, x2, y2], ...] (pixels) or masks=[N, H, W] for each image"
+                )
+            if controls is not None and "controls" not in packed:
+                packed["controls"] = controls
+            return packed
+
+        if isinstance(images, (list, tuple)):
+            if regions is not None and len(regions) != len(images):
+                raise ValueError(
+                    f"{regions_key} must hold one entry per image: got {len(regions)} for {len(images)} images"
+                )
+            return [pack(item, None if regions is None else regions[i]) for i, item in enumerate(images)]
+        if isinstance(images, (Mapping, str, os.PathLike, PIL.Image.Image, np.ndarray)):
+            return pack(images, regions)
+        if regions is not None:
+            raise ValueError("boxes/masks can only be given with an image or a list of images")
+        return images  # a dataset or generator of input dicts, handled lazily by `preprocess`
+
+    @staticmethod
+    def _progress_bar(progress_bar: bool | None, num_regions: int, region_batch_size: int):
+        if progress_bar is False or (progress_bar is None and num_regions <= region_batch_size):
+            return None
+        # `disable=None` shows the bar only on a terminal; HF's global progress-bar switch applies too.
+        return logging.tqdm(
+            total=num_regions,
+            unit="region",
+            desc="region-captioning",
+            disable=None if progress_bar is None else False,
+        )
+
+    def _sanitize_parameters(
+        self,
+        region_batch_size=None,
+        progress=None,
+        view_selection=None,
+        task=None,
+        timeout=None,
+        tag_threshold=None,
+        generate_kwargs=None,
+        attribute_top_k=_NOT_GIVEN,
+        return_views=None,
+        **kwargs,
+    ):
+        preprocess_params = {}
+        if region_batch_size is not None:
+            preprocess_params["region_batch_size"] = region_batch_size
+        image_processor_kwargs = {"view_selection": view_selection, "task": task}
+        preprocess_params["image_processor_kwargs"] = {
+            k: v for k, v in image_processor_kwargs.items() if v is not None
+        }
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+
+        generate_kwargs = dict(generate_kwargs or {})
+        for name, value in kwargs.items():
+            if name in generate_kwargs:
+                raise ValueError(
+                    f"'{name}' is given twice, in generate_kwargs and as a parameter: use only one"
+                )
+            generate_kwargs[name] = value
+        forward_params = {"progress": progress}
+        if generate_kwargs:
+            forward_params["generate_kwargs"] = generate_kwargs
+        if tag_threshold is not None:
+            forward_params["tag_threshold"] = tag_threshold
+
+        postprocess_params = {}
+        if attribute_top_k is not _NOT_GIVEN:
+            postprocess_params["attribute_top_k"] = attribute_top_k
+        if return_views is not None:
+            postprocess_params["return_views"] = return_views
+        return preprocess_params, forward_params, postprocess_params
+
+    def preprocess(
+        self,
+        inputs: Mapping[str, Any],
+        region_batch_size: int = DEFAULT_REGION_BATCH_SIZE,
+        image_processor_kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Iterable[dict[str, Any]]:
+        if not isinstance(inputs, Mapping) or "image" not in inputs:
+            raise ValueError("each input must be an image or a dict with 'image' and 'boxes' or 'masks'")
+        image = load_rgb_image(inputs["image"], timeout=timeout)
+        if inputs.get("boxes") is not None:
+            boxes = _as_boxes(inputs["boxes"])
+        elif inputs.get("masks") is not None:
+            masks = _as_masks(inputs["masks"])
+            if masks.shape[1:] != (image.height, image.width):
+                raise ValueError(
+                    f"masks are {masks.shape[2]}x{masks.shape[1]} but the image is {image.width}x{image.height}"
+                )
+            boxes = _masks_to_boxes(masks)
+        else:
+            raise ValueError("no regions given: pass boxes=[[x1, y1, x2, y2], ...] or masks=[N, H, W]")
+        num_regions = len(boxes)
+        controls = _region_controls(inputs.get("controls"), num_regions)
+
+        for start in range(0, num_regions, region_batch_size):
+            stop = min(start + region_batch_size, num_regions)
+            try:
+                features = self.image_processor(
+                    image, boxes=[boxes[start:stop]], return_tensors="pt", **(image_processor_kwargs or {})
+                )
+            except ValueError as error:
+                if start == 0:
+                    raise
+                # The processor numbers regions within the chunk it was given.
+                raise ValueError(f"{error} (region numbers counted from region {start})") from error
+            yield {
+                "pixel_values": features["pixel_values"],
+                "view_boxes": features["view_boxes"],
+                "view_ratios": features["view_ratios"],
+                "crop_boxes": features["crop_boxes"],
+                "boxes": boxes[start:stop],
+                "controls": None if controls is None else controls[start:stop],
+                "is_last": stop == num_regions,
+            }
+
+    def _forward(self, model_inputs, generate_kwargs=None, tag_threshold=None, progress=None):
+        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {})
+        records = self.model.describe_regions(
+            model_inputs["pixel_values"].to(self.dtype),
+            model_inputs["view_boxes"],
+            self.tokenizer,
+            controls=model_inputs["controls"],
+            tag_threshold=tag_threshold,
+            **generate_kwargs,
+        )
+        if progress is not None:
+            progress.update(len(records))
+        return {
+            "records": records,
+            "boxes": model_inputs["boxes"],
+            "view_ratios": model_inputs["view_ratios"],
+            "crop_boxes": model_inputs["crop_boxes"],
+            "view_boxes": model_inputs["view_boxes"],
+            "is_last": model_inputs["is_last"],
+        }
+
+    def postprocess(self, model_outputs, attribute_top_k: int | None = 5, return_views: bool = False):
+        config = self.model.config
+        attribute_names = list(getattr(config, "attribute_names", None) or [])
+        class_names = list(getattr(config, "class_names", None) or [])
+        results = []
+        for chunk in model_outputs:
+            for index, record in enumerate(chunk["records"]):
+                result = {
+                    "box": [float(value) for value in chunk["boxes"][index]],
+                    "caption": record["caption"],
+                    "score": float(record["score"]),
+                    "tags": list(record["tags"]),
+                    "attributes": _top_attributes(
+                        record["attribute_scores"], attribute_names, attribute_top_k
+                    ),
+                    "label": _best_class(record["class_scores"], class_names),
+                }
+                if return_views:
+                    result["views"] = {
+                        "ratios": chunk["view_ratios"][index].tolist(),
+                        "crop_boxes": chunk["crop_boxes"][index].tolist(),
+                        "view_boxes": chunk["view_boxes"][index].tolist(),
+                    }
+                results.append(result)
+        return results
+
+
+def _top_attributes(scores: Sequence[float], names: Sequence[str], top_k: int | None) -> list[dict[str, Any]]:
+    """The ``top_k`` best attributes, best first (stable: ties keep vocabulary order)."""
+    if len(scores) != len(names):
+        raise ValueError(
+            f"the model gave {len(scores)} attribute scores but its config names {len(names)} attributes"
+        )
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    if top_k is not None:
+        order = order[:top_k]
+    return [{"name": names[i], "score": float(scores[i])} for i in order]
+
+
+def _best_class(scores: Sequence[float], names: Sequence[str]) -> dict[str, Any] | None:
+    """The class with the highest score (the first one on ties, as upstream's ``np.argmax``)."""
+    if len(scores) != len(names):
+        raise ValueError(
+            f"the model gave {len(scores)} class scores but its config names {len(names)} classes"
+        )
+    if not scores:
+        return None
+    best = int(np.argmax(np.asarray(scores)))
+    return {"name": names[best], "score": float(scores[best])}
