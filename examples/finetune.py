@@ -9,7 +9,7 @@ The same command runs on one process, under torchrun, or under accelerate launch
 
 The dataset is the synthetic shapes scenes (``shapes``, the default), a folder written by
 ``Dataset.save_to_disk``, or a Hub dataset id, in the record schema of docs/data.md. Trained are the parts
-upstream trains (model.md §14) unless ``--trainable`` says otherwise; ``--lora`` adds upstream's LoRA
+upstream trains (docs/upstream/model.md §14) unless ``--trainable`` says otherwise; ``--lora`` adds upstream's LoRA
 adapters to the language model. The result is saved as an ordinary model folder (adapters merged).
 """
 
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parts.add_argument(
         "--trainable",
         default="upstream",
-        help="'upstream' (model.md §14), 'all', 'config' (as saved) or comma-separated top-level modules",
+        help="'upstream' (docs/upstream/model.md §14), 'all', 'config' (as saved) or comma-separated top-level modules",
     )
     parts.add_argument(
         "--lora", action="store_true", help="LoRA adapters on the language model (finetune_llm)"
@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument(
         "--upstream-precision",
         action="store_true",
-        help="CUDA only: the frozen language model's weights in bf16, as upstream (model.md §15); pair with "
+        help="CUDA only: the frozen language model's weights in bf16, as upstream (docs/upstream/model.md §15); pair with "
         "--precision fp16 for upstream's outer AMP. With --lora the language model stays fp32, as upstream",
     )
     run.add_argument("--gradient-checkpointing", action="store_true")
@@ -268,7 +268,7 @@ def main(argv=None) -> None:
         weight_decay=args.weight_decay,
         adam_beta2=0.999,
         warmup_steps=args.warmup_steps,
-        lr_scheduler_type="cosine",  # upstream: linear warm-up then cosine to 0 (model.md §18)
+        lr_scheduler_type="cosine",  # upstream: linear warm-up then cosine to 0 (docs/upstream/model.md §18)
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         logging_steps=args.logging_steps,

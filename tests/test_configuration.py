@@ -1,4 +1,4 @@
-"""DynReferConfig: released defaults (model.md §2-§17), vocabularies, serialisation, Auto registration."""
+"""DynReferConfig: released defaults (docs/upstream/model.md §2-§17), vocabularies, serialisation, Auto registration."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Checkpoint conversion (spec checkpoint.md, model.md §2, §4, §5, §7, §10).
+"""Checkpoint conversion (spec checkpoint.md, docs/upstream/model.md §2, §4, §5, §7, §10).
 
 Synthetic upstream files are written with exactly upstream's key names (LAVIS `DynReferT5` / `Blip2T5`,
 `eva_vit_g.pth`, `eva_clip_psz14.pt`) at scaled-down shapes, converted, saved and loaded back. The converted
@@ -119,7 +119,7 @@ def model(converted_dir):
 
 
 def eva_vit_reference(eva, ln_vision, pixel_values, num_layers, num_heads):
-    """LAVIS EVA ViT-g then ln_vision (model.md §2): pre-norm blocks, qkv bias (q_bias, 0, v_bias)."""
+    """LAVIS EVA ViT-g then ln_vision (docs/upstream/model.md §2): pre-norm blocks, qkv bias (q_bias, 0, v_bias)."""
     weight = eva["patch_embed.proj.weight"]
     x = (
         F.conv2d(pixel_values, weight, eva["patch_embed.proj.bias"], stride=weight.shape[-1])
@@ -155,7 +155,7 @@ def eva_vit_reference(eva, ln_vision, pixel_values, num_layers, num_heads):
 
 
 def eva_clip_text_reference(eva_clip, token_ids, num_heads):
-    """EVA-CLIP TextTransformer (model.md §10): zero-padded ids, causal pre-LN blocks, EOT = argmax id."""
+    """EVA-CLIP TextTransformer (docs/upstream/model.md §10): zero-padded ids, causal pre-LN blocks, EOT = argmax id."""
     p = {key[len("text.") :]: value for key, value in eva_clip.items() if key.startswith("text.")}
     context, width = p["positional_embedding"].shape
     ids = torch.zeros(len(token_ids), context, dtype=torch.long)
@@ -200,7 +200,7 @@ def bilinear_zero_padded(value, y, x):
 
 
 def dcnv4_align_reference(p, moving, reference, group, kernel=3):
-    """upstream CustomDCNv4 (model.md §4.3-§4.4), one output position and sampling point at a time."""
+    """upstream CustomDCNv4 (docs/upstream/model.md §4.3-§4.4), one output position and sampling point at a time."""
     batch, channels, height, width = moving.shape
     value = moving.permute(0, 2, 3, 1) @ p["value_proj.weight"].T + p["value_proj.bias"]  # [N, H, W, C]
     # depthwise conv with groups=C over [moving | reference]: output c reads input channels 2c and 2c+1
@@ -238,7 +238,7 @@ def dcnv4_align_reference(p, moving, reference, group, kernel=3):
 
 
 def label_head_reference(p, prefix, labels, memory, num_layers, num_heads):
-    """RAM's cross-attention-only BERT (model.md §7): post-LN, eps 1e-12, exact GELU."""
+    """RAM's cross-attention-only BERT (docs/upstream/model.md §7): post-LN, eps 1e-12, exact GELU."""
     h = labels
     width = h.shape[-1]
     head_dim = width // num_heads
@@ -331,7 +331,7 @@ def test_fusion_mlp_matches_upstream(model, upstream, tiny_config):
     torch.manual_seed(2)
     p = upstream["tensors"]["dynrefer"]
     views = [torch.randn(3, 5, tiny_config.vision_config.hidden_size) for _ in range(tiny_config.num_views)]
-    fused = torch.cat(views, dim=-1)  # [view0 | view1 | view2] per token (model.md §5)
+    fused = torch.cat(views, dim=-1)  # [view0 | view1 | view2] per token (docs/upstream/model.md §5)
     expected = (
         torch.relu(fused @ p["cvem_mlp.0.weight"].T + p["cvem_mlp.0.bias"]) @ p["cvem_mlp.2.weight"].T
         + p["cvem_mlp.2.bias"]
@@ -617,7 +617,7 @@ def test_real_layout_maps_completely_on_meta_tensors():
         "flan_t5": flan_t5_layout(config.text_config),
     }
     dynrefer = layouts["dynrefer"]
-    assert len(dynrefer) == 350  # checkpoint.md §2
+    assert len(dynrefer) == 350  # docs/upstream/checkpoint.md §2
     trained = [k for k in dynrefer if "position_ids" not in k and not k.startswith("t5_model.")]
     assert sum(math.prod(dynrefer[k]) for k in trained) == 122_877_684
     with torch.device("meta"):

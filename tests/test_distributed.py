@@ -5,7 +5,7 @@ Each launch starts two Python processes that import torch and transformers (~10 
 one worker script does several checks and writes what it saw; the assertions run here, against references
 computed in this (single) process.
 
-Semantics checked (model.md §8, docs/training.md): rank r holds b regions and their captions, S_r, and with
+Semantics checked (docs/upstream/model.md §8, docs/training.md): rank r holds b regions and their captions, S_r, and with
 ``f_ij = -logsigmoid(label_ij * logit(caption i, region j))`` computes
 ``loss_r = 0.25 * (sum_{i in S_r, all j} f_ij + sum_{all i, j in S_r} f_ij) / b``, the other ranks' rows
 gathered as constants. DDP averages gradients, so training follows ``L = mean_r loss_r``: with equal shares
@@ -236,7 +236,7 @@ def worker_results(tmp_path_factory):
 
 
 def reference_rank_losses(model, region_queries, caption_embeds, counts):
-    """loss_r of every rank, written out from model.md §8: the local rows keep their graph, the rows gathered
+    """loss_r of every rank, written out from docs/upstream/model.md §8: the local rows keep their graph, the rows gathered
     from the other ranks are constants (detached after the projections, where the model gathers)."""
     memory = model.attr_vision_proj(region_queries)  # [B, Q, H]
     text = model.attr_text_proj(caption_embeds)  # [B, H]

@@ -43,7 +43,7 @@ def _caption_batch(regions=2):
 
 def test_upstream_targets_are_what_peft_matched_in_upstreams_t5_layout():
     """In transformers < 5 a T5 stack's embed_tokens *is* the shared embedding: named_modules lists it once,
-    as "shared", so upstream's "embed_tokens" target wraps nothing (model.md §14)."""
+    as "shared", so upstream's "embed_tokens" target wraps nothing (docs/upstream/model.md §14)."""
     from peft import LoraConfig, get_peft_model
 
     class Stack(nn.Module):

@@ -125,7 +125,7 @@ def test_each_loss_alone(tokenizer):
 
 
 def direct_asl(logits, targets, gamma_neg=7.0, gamma_pos=0.0, clip=0.05, eps=1e-8):
-    """model.md §7, entry by entry."""
+    """docs/upstream/model.md §7, entry by entry."""
     total = 0.0
     for x, y in zip(logits.flatten().tolist(), targets.flatten().tolist()):
         p = 1 / (1 + math.exp(-x))
@@ -168,7 +168,7 @@ def test_tag_loss_in_forward_is_weighted_asl():
 
 
 def direct_region_caption_logits(model, region_queries, caption_embeds):
-    """model.md §8 scoring, one (region, caption) pair at a time: logits[r, c] = s * exp(attr_t) + attr_b."""
+    """docs/upstream/model.md §8 scoring, one (region, caption) pair at a time: logits[r, c] = s * exp(attr_t) + attr_b."""
     scores = torch.zeros(len(region_queries), len(caption_embeds))
     with torch.no_grad():
         for r in range(len(region_queries)):
@@ -396,7 +396,7 @@ def test_region_align_layout_identity_and_shift():
 
 
 def test_released_configuration_shapes_and_trainable_count():
-    """The full-size model, built on the meta device: shapes of checkpoint.md §5 and the §14 parameter counts."""
+    """The full-size model, built on the meta device: shapes of docs/upstream/checkpoint.md §5 and the §14 parameter counts."""
     from dynrefer_hf import DynReferConfig
 
     with torch.device("meta"):
@@ -417,11 +417,11 @@ def test_released_configuration_shapes_and_trainable_count():
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     qformer = sum(p.numel() for p in model.qformer.parameters())
-    assert round(trainable / 1e6, 1) == 122.9 and round(qformer / 1e6, 1) == 105.1  # model.md §14
+    assert round(trainable / 1e6, 1) == 122.9 and round(qformer / 1e6, 1) == 105.1  # docs/upstream/model.md §14
 
 
 def test_label_head_is_cross_attention_then_ffn_post_ln():
-    """model.md §7 written out: h = LN1(h + Dense(CrossAttn(h, memory))); h = LN2(h + Dense2(GELU(Dense1(h))))."""
+    """docs/upstream/model.md §7 written out: h = LN1(h + Dense(CrossAttn(h, memory))); h = LN2(h + Dense2(GELU(Dense1(h))))."""
     model = make_tiny_model()
     head = model.tag_head
     labels, memory = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
@@ -744,7 +744,7 @@ def test_precision_on_cpu_is_float32_and_bf16_language_model_runs(tokenizer):
 
 
 def test_upstream_precision_dataflow_under_autocast(tokenizer, monkeypatch):
-    """The CUDA precision plan of model.md §15, exercised with CPU autocast."""
+    """The CUDA precision plan of docs/upstream/model.md §15, exercised with CPU autocast."""
     model = make_tiny_model().to_upstream_precision()
     monkeypatch.setattr(model, "_uses_autocast", lambda device: True)
     seen = {}

@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference ops against slow scalar loops that follow model.md §3 / §4.4 literally."""
+"""The pure-PyTorch reference ops against slow scalar loops that follow docs/upstream/model.md §3 / §4.4 literally."""
 
 import math
 import os
@@ -19,7 +19,7 @@ REF = {"backend": "reference"}
 
 
 def roi_bilinear_loop(feature, y, x):
-    """torchvision's legacy bilinear sample of ``feature [C, H, W]`` at ``(y, x)`` (model.md §3)."""
+    """torchvision's legacy bilinear sample of ``feature [C, H, W]`` at ``(y, x)`` (docs/upstream/model.md §3)."""
     _, height, width = feature.shape
     if y < -1.0 or y > height or x < -1.0 or x > width:
         return np.zeros(feature.shape[0])
@@ -74,7 +74,7 @@ def roi_align_loop(input, rois, output_size, spatial_scale, sampling_ratio, alig
 
 
 def bilinear_zero_loop(image, y, x):
-    """Bilinear sample of ``image [H, W, D]`` with zero padding (model.md §4.4 ``bilinear0``)."""
+    """Bilinear sample of ``image [H, W, D]`` with zero padding (docs/upstream/model.md §4.4 ``bilinear0``)."""
     height, width, depth = image.shape
     if y <= -1 or x <= -1 or y >= height or x >= width:
         return np.zeros(depth)
@@ -170,7 +170,7 @@ def test_roi_align_float32_matches_loop():
 
 
 def test_roi_align_full_view_is_not_identity():
-    """model.md §3: the t = 0 view box [0, 0, 224, 224] averages 2x2 cells shifted by half a patch."""
+    """docs/upstream/model.md §3: the t = 0 view box [0, 0, 224, 224] averages 2x2 cells shifted by half a patch."""
     generator = torch.Generator().manual_seed(3)
     input = torch.randn(1, 2, 16, 16, generator=generator, dtype=torch.float64)
     out = roi_align(

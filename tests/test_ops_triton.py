@@ -1,4 +1,4 @@
-"""Triton kernels of the two sampling ops against the PyTorch references (model.md §3 and §4.4).
+"""Triton kernels of the two sampling ops against the PyTorch references (docs/upstream/model.md §3 and §4.4).
 
 On a CPU machine the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py before
 triton is imported), where every program instance costs ~20 ms: shapes here are tiny. On a GPU machine run

@@ -148,7 +148,7 @@ def test_box_errors(image_processor, small_image):
 def test_zero_area_and_partly_outside_boxes(image_processor, small_image):
     out = image_processor(small_image, boxes=[[20, 20, 20, 20], [89.5, 59.5, 89.7, 59.9], [-15, -5, 30, 100]])
     crops = out["crop_boxes"]
-    assert crops[0, 0].tolist() == [19, 19, 20, 20]  # widened to 1 px (views.md §1)
+    assert crops[0, 0].tolist() == [19, 19, 20, 20]  # widened to 1 px (docs/upstream/views.md §1)
     assert crops[1, 0].tolist() == [88, 58, 89, 59]
     assert crops[2, 0].tolist() == [0, 0, 30, 60]  # clipped to the image
     assert torch.all(crops[..., 2] <= 90) and torch.all(crops[..., 3] <= 60) and torch.all(crops >= 0)

@@ -1,8 +1,8 @@
-"""Independent audit of DynReferForRegionCaptioning against ../shared/spec/model.md.
+"""Independent audit of DynReferForRegionCaptioning against docs/upstream/model.md.
 
 Every DynRefer-specific step is re-implemented here from the spec text alone, in float64 with explicit
 loops, using only the model's weights; the HF ViT, Q-Former and T5 are called directly as black boxes.
-The model's outputs must match these references (model.md §2-§16). Nothing from ``dynrefer_hf.ops`` or
+The model's outputs must match these references (docs/upstream/model.md §2-§16). Nothing from ``dynrefer_hf.ops`` or
 the model's helpers is reused.
 """
 
@@ -17,7 +17,7 @@ from dynrefer_hf.modeling_dynrefer import asymmetric_loss
 
 REGIONS, VIEWS, IMAGE, PATCH = 3, 3, 56, 14
 # integer-valued target boxes in each view's pixels (views.md); region 0 view 2 is narrower than one patch
-# (roi_w clamps to 1 cell), region 1 view 0 ends at 55 (edge case of views.md §6), region 2 touches the border
+# (roi_w clamps to 1 cell), region 1 view 0 ends at 55 (edge case of docs/upstream/views.md §6), region 2 touches the border
 VIEW_BOXES = [
     [[0, 0, 56, 56], [14, 7, 42, 49], [20, 18, 27, 30]],
     [[0, 0, 55, 55], [5, 9, 36, 30], [22, 21, 34, 33]],
@@ -95,7 +95,7 @@ def weights(module):
 
 
 def roi_bilinear(feature, y, x):
-    """torchvision's legacy bilinear sample of `feature [C, H, W]` at (y, x) (model.md §3)."""
+    """torchvision's legacy bilinear sample of `feature [C, H, W]` at (y, x) (docs/upstream/model.md §3)."""
     _, height, width = feature.shape
     if y < -1.0 or y > height or x < -1.0 or x > width:
         return feature.new_zeros(feature.shape[0])
@@ -169,7 +169,7 @@ def dcn_bilinear_zero(values, py, px):
 
 
 def reference_align(model, moving, reference):
-    """CustomDCNv4 forward for one (moving, reference) pair of `[C, H, W]` maps (model.md §4.3/§4.4)."""
+    """CustomDCNv4 forward for one (moving, reference) pair of `[C, H, W]` maps (docs/upstream/model.md §4.3/§4.4)."""
     w = weights(model.cvem_align)
     group, kernel = model.config.align_group, 3
     channels, height, width = moving.shape

@@ -107,7 +107,7 @@ def test_golden_views_reproduced_in_full(golden, fixtures_dir):
 
 
 def test_golden_223_case_present(golden):
-    """The vectors exercise the float32 truncation to 223 (spec views.md §6), so the test above covers it."""
+    """The vectors exercise the float32 truncation to 223 (docs/upstream/views.md §6), so the test above covers it."""
     entries = [v["target_in_view_224"] for c in golden["cases"] for r in c["regions"] for v in r["views"]]
     assert any(223 in box for box in entries)
 

@@ -1,4 +1,4 @@
-"""Synthetic upstream checkpoints: upstream's exact key names, shapes from a `DynReferConfig` (checkpoint.md §2, §4).
+"""Synthetic upstream checkpoints: upstream's exact key names, shapes from a `DynReferConfig` (docs/upstream/checkpoint.md §2, §4).
 
 Used by tests/test_convert.py (tiny sizes) and benchmarks/bench_convert.py (the released sizes).
 """
@@ -67,7 +67,7 @@ def qformer_layout(qformer):
 
 
 def flan_t5_layout(text):
-    """A Flan-T5 `model.safetensors` (HF names, untied `lm_head`, no embed_tokens aliases; checkpoint.md §4)."""
+    """A Flan-T5 `model.safetensors` (HF names, untied `lm_head`, no embed_tokens aliases; docs/upstream/checkpoint.md §4)."""
     d, inner, ff = text.d_model, text.num_heads * text.d_kv, text.d_ff
     shapes = {"shared.weight": (text.vocab_size, d), "lm_head.weight": (text.vocab_size, d)}
     for stack, layers in (("encoder", text.num_layers), ("decoder", text.num_decoder_layers)):
@@ -100,7 +100,7 @@ def t5_alias_layout(text):
 
 
 def dynrefer_layout(config):
-    """The released DynRefer file's `model` entry (checkpoint.md §2)."""
+    """The released DynRefer file's `model` entry (docs/upstream/checkpoint.md §2)."""
     width, hidden = config.vision_config.hidden_size, config.qformer_config.hidden_size
     lm, head, inter = config.text_config.d_model, config.head_hidden_size, config.head_intermediate_size
     shapes = qformer_layout(config.qformer_config)
@@ -143,7 +143,7 @@ def dynrefer_layout(config):
 
 
 def blip2_layout(config):
-    """LAVIS `blip2_pretrained_flant5xl.pth`: the BLIP-2 stage-2 trained set (checkpoint.md §3)."""
+    """LAVIS `blip2_pretrained_flant5xl.pth`: the BLIP-2 stage-2 trained set (docs/upstream/checkpoint.md §3)."""
     width, hidden = config.vision_config.hidden_size, config.qformer_config.hidden_size
     shapes = {"query_tokens": (1, config.num_query_tokens, hidden)}
     _norm("ln_vision", width, shapes)
@@ -226,7 +226,7 @@ def write_upstream_files(root, config, text_config, eva_vit_blocks=None):
         "max_txt_len": config.max_text_length,
         "tag_thr": config.tag_threshold,
     }
-    # LAVIS training checkpoints wrap the state dict with optimizer/config/epoch entries (checkpoint.md §1)
+    # LAVIS training checkpoints wrap the state dict with optimizer/config/epoch entries (docs/upstream/checkpoint.md §1)
     torch.save(
         {"model": tensors["dynrefer"], "config": {"model": run_model_config}, "epoch": 4}, paths["dynrefer"]
     )

@@ -1,4 +1,4 @@
-"""Configuration of DynRefer region-level models (model.md §2-§17)."""
+"""Configuration of DynRefer region-level models (docs/upstream/model.md §2-§17)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ __all__ = [
     "default_vocabularies",
 ]
 
-# google/flan-t5-xl with LAVIS's exact-GELU override (model.md §11); `tie_word_embeddings=False` makes
+# google/flan-t5-xl with LAVIS's exact-GELU override (docs/upstream/model.md §11); `tie_word_embeddings=False` makes
 # HF's T5 skip the decoder-output rescaling, as T5 v1.1 / Flan-T5 do.
 FLAN_T5_XL_CONFIG = {
     "vocab_size": 32128,
@@ -47,7 +47,7 @@ FLAN_T5_XL_CONFIG = {
     "bos_token_id": 1,
 }
 
-# The EVA-CLIP text tower of model.md §10 / checkpoint.md §5.5 as an HF CLIPTextModelWithProjection.
+# The EVA-CLIP text tower of docs/upstream/model.md §10 / docs/upstream/checkpoint.md §5.5 as an HF CLIPTextModelWithProjection.
 EVA_CLIP_TEXT_CONFIG = {
     "vocab_size": 49408,
     "hidden_size": 768,
@@ -60,7 +60,7 @@ EVA_CLIP_TEXT_CONFIG = {
     "projection_dim": 1024,
 }
 
-# The released model config's generation arguments (model.md §11, `dynrefer_flant5xl.yaml`).
+# The released model config's generation arguments (docs/upstream/model.md §11, `dynrefer_flant5xl.yaml`).
 RELEASED_GENERATION_DEFAULTS = {
     "num_beams": 2,
     "max_new_tokens": 20,
@@ -71,7 +71,7 @@ RELEASED_GENERATION_DEFAULTS = {
 }
 
 # Upstream trains every parameter whose name contains cvem, cem, tag, attr, Qformer or t5_proj
-# (model.md §14); these are the top-level modules that rule selects, in this port's names.
+# (docs/upstream/model.md §14); these are the top-level modules that rule selects, in this port's names.
 DEFAULT_TRAINABLE_MODULES = (
     "qformer",
     "language_projection",
@@ -117,7 +117,7 @@ def default_vocabularies() -> dict[str, list]:
 class DynReferConfig(PreTrainedConfig):
     r"""Configuration of [`DynReferForRegionCaptioning`].
 
-    Defaults reproduce the released DynRefer Flan-T5-XL model (model.md §17): EVA ViT-g/14 at 224 px, a
+    Defaults reproduce the released DynRefer Flan-T5-XL model (docs/upstream/model.md §17): EVA ViT-g/14 at 224 px, a
     BLIP-2 Q-Former with 32 queries, Flan-T5-XL, 3 nested views.
 
     Args:
@@ -127,7 +127,7 @@ class DynReferConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`): the language model: any seq2seq config (Flan-T5-XL by
             default) or a causal LM config (the LM then gets the visual and control prompts as a prefix).
         text_encoder_config (`dict` or `CLIPTextConfig`, *optional*): the CLIP text tower used to re-encode
-            vocabularies and captions (model.md §10); `None` means no text encoder is built.
+            vocabularies and captions (docs/upstream/model.md §10); `None` means no text encoder is built.
         num_views (`int`): views per region (§4-§5); view 0 is the reference.
         num_query_tokens (`int`): Q-Former queries.
         roi_output_size (`int`, *optional*): RoI-Align output side, default `image_size // patch_size`.
@@ -294,7 +294,7 @@ class DynReferConfig(PreTrainedConfig):
         return math.ceil(points * 3 / 8) * 8
 
     def released_generation_config(self) -> GenerationConfig:
-        """The released generation arguments (model.md §11) with the language model's special tokens."""
+        """The released generation arguments (docs/upstream/model.md §11) with the language model's special tokens."""
         text = self.text_config
         tokens = {
             name: getattr(text, name, None)

@@ -190,7 +190,7 @@ class DynReferImageProcessor(BaseImageProcessor):
     def _regions_per_image(
         self, images: list[np.ndarray], boxes: Any, masks: Any, normalized_boxes: bool, single: bool
     ) -> list[np.ndarray]:
-        """The float64 ``[R_i, 4]`` region boxes of each image, validated and widened (views.md §1)."""
+        """The float64 ``[R_i, 4]`` region boxes of each image, validated and widened (docs/upstream/views.md §1)."""
         if (boxes is None) == (masks is None):
             raise ValueError("pass exactly one of `boxes` or `masks` (one list per image)")
         per_image = []
@@ -322,7 +322,7 @@ class DynReferImageProcessor(BaseImageProcessor):
                 the image size with `normalized_boxes=True`). A single image may take its list of boxes
                 directly. Boxes partly outside the image are kept as given for the view interpolation and
                 clipped to the image for the crops (upstream); boxes at most 1 px wide/high are widened to
-                1 px (upstream's polygon rule, views.md §1).
+                1 px (upstream's polygon rule, docs/upstream/views.md §1).
             masks: instead of boxes, per image its binary masks `[R_i, H, W]`, reduced to boxes with
                 upstream's rule (first/last row and column holding a mask pixel, inclusive).
             view_selection: `"image_prior"`, `"random"`, `"task"` or the list of `t` of views 1..V-1;

@@ -1,4 +1,4 @@
-"""DynRefer region captioning as a native Transformers model (model.md §1-§16).
+"""DynRefer region captioning as a native Transformers model (docs/upstream/model.md §1-§16).
 
 R regions, each seen through V nested views, go through a BLIP-2 vision tower; the patch tokens of every
 view are RoI-aligned to the target box, views 1..V-1 are aligned to view 0 by a DCNv4-style module, the
@@ -52,7 +52,7 @@ class DynReferOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`): `loss_llm + loss_tag + loss_att` over the parts that got targets.
-        loss_llm (`torch.FloatTensor` of shape `()`): token-mean caption cross-entropy (model.md §11).
+        loss_llm (`torch.FloatTensor` of shape `()`): token-mean caption cross-entropy (docs/upstream/model.md §11).
         loss_tag (`torch.FloatTensor` of shape `()`): summed asymmetric tag loss times `tag_loss_weight` (§7).
         loss_att (`torch.FloatTensor` of shape `()`): sigmoid region-caption loss times `attr_loss_weight` (§8).
         logits (`torch.FloatTensor` of shape `(R, L, vocab)`): language-model logits (only with `labels`).
@@ -84,7 +84,7 @@ def asymmetric_loss(
     clip: float = 0.05,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Asymmetric loss of RAM (model.md §7), **summed** over all entries; focal weights carry no gradient.
+    """Asymmetric loss of RAM (docs/upstream/model.md §7), **summed** over all entries; focal weights carry no gradient.
 
     Args:
         logits: `[R, T]` tag logits. targets: `[R, T]` multi-hot 0/1.
@@ -104,7 +104,7 @@ def asymmetric_loss(
 
 
 def sigmoid_contrastive_loss(logits: torch.Tensor, rank: int = 0, offset: int | None = None) -> torch.Tensor:
-    """SigLIP-style loss of one direction (model.md §8): `-sum(logsigmoid(label * logits)) / bs`.
+    """SigLIP-style loss of one direction (docs/upstream/model.md §8): `-sum(logsigmoid(label * logits)) / bs`.
 
     Args:
         logits: `[bs, N]`, row i = local item i against all N gathered items; the positive of row i is
@@ -144,7 +144,7 @@ def _gather_keep_local_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class DynReferRegionAlign(nn.Module):
-    """Cross-view alignment with DCNv4 semantics (upstream `CustomDCNv4`, model.md §4).
+    """Cross-view alignment with DCNv4 semantics (upstream `CustomDCNv4`, docs/upstream/model.md §4).
 
     The moving view's values are resampled at offsets and with raw modulation masks predicted, per position,
     from a grouped depthwise conv over `[moving | reference]` channels. `offset_mask` starts at zero, so the
@@ -257,7 +257,7 @@ class DynReferIntermediate(nn.Module):
 
 
 class DynReferLabelHeadLayer(GradientCheckpointingLayer):
-    """One layer of the label head: cross-attention then FFN, no self-attention (model.md §7)."""
+    """One layer of the label head: cross-attention then FFN, no self-attention (docs/upstream/model.md §7)."""
 
     def __init__(self, config: DynReferConfig):
         super().__init__()
@@ -282,7 +282,7 @@ class DynReferLabelEncoder(nn.Module):
 
 
 class DynReferLabelHead(nn.Module):
-    """Cross-attention-only BERT shared by the tag and attribute heads (RAM's tagging head, model.md §7).
+    """Cross-attention-only BERT shared by the tag and attribute heads (RAM's tagging head, docs/upstream/model.md §7).
 
     `forward(labels [B, M, H], memory [B, Q, H]) -> [B, M, H]`: each label embedding attends to the region's
     projected queries.
@@ -375,7 +375,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         head_width = config.head_hidden_size
 
         self.vision_model = Blip2VisionModel._from_config(config.vision_config)
-        # upstream's ln_vision uses PyTorch's default eps 1e-5, not the ViT blocks' 1e-6 (model.md §2)
+        # upstream's ln_vision uses PyTorch's default eps 1e-5, not the ViT blocks' 1e-6 (docs/upstream/model.md §2)
         self.vision_model.post_layernorm.eps = config.ln_vision_eps
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_width))
         self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
@@ -429,7 +429,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ HF plumbing
 
     def _untie_t5_lm_head(self) -> None:
-        """T5 v1.1 / Flan-T5 have an lm_head of their own (model.md §11), but transformers 5 ties every T5
+        """T5 v1.1 / Flan-T5 have an lm_head of their own (docs/upstream/model.md §11), but transformers 5 ties every T5
         lm_head to the shared embedding; keep only the input-embedding ties."""
         language_model = self.language_model
         language_model._tied_weights_keys = {
@@ -463,7 +463,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         self.language_model.set_output_embeddings(new_embeddings)
 
     def set_trainable(self, modules: Sequence[str] | None = None) -> None:
-        """Freeze everything except the named top-level modules/parameters (model.md §14).
+        """Freeze everything except the named top-level modules/parameters (docs/upstream/model.md §14).
 
         `modules=None` uses `config.trainable_modules` (default: Q-Former, projection, alignment, fusion MLP,
         `cem_memory` and the tag/attribute heads; the ViT, `query_tokens`, the LM and the text encoder stay
@@ -481,7 +481,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         self.config.trainable_modules = modules
 
     def to_upstream_precision(self) -> DynReferForRegionCaptioning:
-        """Cast the language model to bfloat16 as upstream does (model.md §11, §15); other weights stay fp32.
+        """Cast the language model to bfloat16 as upstream does (docs/upstream/model.md §11, §15); other weights stay fp32.
 
         With `config.upstream_precision` on a CUDA device this reproduces upstream's numerics: ViT under fp16
         autocast with fp32 weights, heads under bf16 autocast, the LM with bf16 weights and fp32 inputs.
@@ -554,7 +554,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ visual path
 
     def fuse_views(self, embeds: torch.Tensor, view_boxes: torch.Tensor) -> torch.Tensor:
-        """RoI-Align, cross-view alignment and fusion (model.md §3-§5).
+        """RoI-Align, cross-view alignment and fusion (docs/upstream/model.md §3-§5).
 
         Args:
             embeds: `[R*V, 1 + P*P, D]` ViT tokens after `ln_vision`, index `r*V + v`.
@@ -597,7 +597,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         return self.cvem_mlp(fused)
 
     def get_region_queries(self, pixel_values: torch.Tensor, view_boxes: torch.Tensor) -> torch.Tensor:
-        """Views -> region queries `Q` `[R, num_query_tokens, qformer hidden]` (model.md §2-§6)."""
+        """Views -> region queries `Q` `[R, num_query_tokens, qformer hidden]` (docs/upstream/model.md §2-§6)."""
         self._check_views(pixel_values, view_boxes)
         return self._region_queries(pixel_values, view_boxes)
 
@@ -629,7 +629,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         region_queries: torch.Tensor,
         normalize: bool,
     ) -> torch.Tensor:
-        """Score M label embeddings `[M, E]` against B regions `[B, Q, Hq]` -> `[B, M]` (model.md §7-§9)."""
+        """Score M label embeddings `[M, E]` against B regions `[B, Q, Hq]` -> `[B, M]` (docs/upstream/model.md §7-§9)."""
         memory = vision_proj(region_queries)
         labels = text_proj(text_embeds.to(text_proj.weight.dtype))
         hidden = head(labels.unsqueeze(0).expand(memory.shape[0], -1, -1), memory)
@@ -644,7 +644,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         return tensor
 
     def tag_logits(self, region_queries: torch.Tensor) -> torch.Tensor:
-        """Tag logits `[R, num_tags]` (model.md §7), not rounded."""
+        """Tag logits `[R, num_tags]` (docs/upstream/model.md §7), not rounded."""
         with self._autocast(region_queries.device, torch.bfloat16):
             return self._label_scores(
                 self.tag_head,
@@ -672,7 +672,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
     def predict_labels(
         self, region_queries: torch.Tensor, tag_threshold: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inference outputs of the three heads (model.md §7-§9).
+        """Inference outputs of the three heads (docs/upstream/model.md §7-§9).
 
         Returns:
             tag_logits `[R, num_tags]`, tag_mask `[R, num_tags]` (sigmoid > threshold), attribute_scores
@@ -700,7 +700,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         return tag_logits.float(), tag_mask, attribute_scores.float(), class_scores.float()
 
     def _contrastive(self, region_queries: torch.Tensor, caption_embeds: torch.Tensor):
-        """Sigmoid region-caption loss across ranks (model.md §8) and the region->caption logits."""
+        """Sigmoid region-caption loss across ranks (docs/upstream/model.md §8) and the region->caption logits."""
         device = region_queries.device
         with self._autocast(device, torch.bfloat16):
             memory = self.attr_vision_proj(region_queries)
@@ -729,7 +729,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[t5_proj(Q) | embed(control) + cem_memory]` and its mask (model.md §11)."""
+        """`[t5_proj(Q) | embed(control) + cem_memory]` and its mask (docs/upstream/model.md §11)."""
         device = region_queries.device
         embed_tokens = self.get_input_embeddings()
         with self._autocast(device, torch.bfloat16):
@@ -905,11 +905,11 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         tag_threshold: float | None = None,
         **generate_kwargs,
     ) -> list[dict]:
-        """One record per region (model.md §16): caption, score, tags, attribute and class scores.
+        """One record per region (docs/upstream/model.md §16): caption, score, tags, attribute and class scores.
 
         The control prompt of region r is `format_control_prompt(merge_control_words(controls[r], tags_r))`:
         the user's words first, then the predicted tags in tag-list order (upstream used a hash-seed dependent
-        set order, model.md §12).
+        set order, docs/upstream/model.md §12).
 
         Args:
             tokenizer: the language model's tokenizer (control prompts and decoding).
@@ -982,7 +982,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ vocabularies
 
     def encode_texts(self, texts: Sequence[str], tokenizer, batch_size: int = 64) -> torch.Tensor:
-        """Text-encoder embeddings `[M, text_embed_dim]` (EOT token, projected, not normalised; model.md §10).
+        """Text-encoder embeddings `[M, text_embed_dim]` (EOT token, projected, not normalised; docs/upstream/model.md §10).
 
         `tokenizer` is the text encoder's CLIP tokenizer; texts are truncated to its max length (77) and each
         batch is padded to its longest text: upstream pads to 77, which gives the same vectors at several times

@@ -25,7 +25,7 @@ class DynReferProcessor(ProcessorMixin):
     r"""Wraps a [`DynReferImageProcessor`] and a T5 tokenizer into one processor.
 
     The image processor builds the nested views of every region; the tokenizer encodes the control
-    prompt of each region in upstream's `"w1,w2|"` format (model.md §11-§12) and, for training, its
+    prompt of each region in upstream's `"w1,w2|"` format (docs/upstream/model.md §11-§12) and, for training, its
     caption as `labels` (padded with -100).
 
     Args:

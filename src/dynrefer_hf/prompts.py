@@ -1,4 +1,4 @@
-"""Control prompts: the words that steer DynRefer's caption (model.md §11-§12)."""
+"""Control prompts: the words that steer DynRefer's caption (docs/upstream/model.md §11-§12)."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def mask_to_box(mask: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def crop_boxes_from_view_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Integer crops of float view boxes (views.md §5.1): clip to the image, then truncate to int64.
+    """Integer crops of float view boxes (docs/upstream/views.md §5.1): clip to the image, then truncate to int64.
 
     Args:
         boxes: ``[..., 4]`` float32 view boxes.
@@ -146,7 +146,7 @@ def target_boxes_in_views(
 ) -> np.ndarray:
     """The integer target box expressed in the pixels of each view resized to ``(height, width)``.
 
-    Reproduces torchvision v2's box resize (views.md §6): the offset box is multiplied by float32
+    Reproduces torchvision v2's box resize (docs/upstream/views.md §6): the offset box is multiplied by float32
     ratios ``new / old`` in float32 and truncated back to int64, without clamping. The float32 product
     can fall just below an integer, e.g. a 23-px crop maps its right edge to 223 instead of 224.
     A crop already of the output size is left as is.
@@ -283,7 +283,7 @@ def _phash_of_grey(grey: np.ndarray, box: Sequence[float], resolution: int = PHA
 def region_phash(
     image: Image.Image | np.ndarray, box: Sequence[float], resolution: int = PHASH_RESOLUTION
 ) -> np.ndarray:
-    """Upstream DynRefer's perceptual hash of one box (views.md §4.2), bit-exact without OpenCV.
+    """Upstream DynRefer's perceptual hash of one box (docs/upstream/views.md §4.2), bit-exact without OpenCV.
 
     Steps: OpenCV grey conversion; ``box`` truncated to int64 *without clipping* and used as a NumPy
     slice (as upstream); bilinear resize of the crop to ``resolution`` squared (OpenCV INTER_LINEAR);
@@ -353,7 +353,7 @@ def image_prior_ratios(
     num_views: int = 3,
     candidates: Sequence[float] = CANDIDATE_RATIOS,
 ) -> tuple[list[float], np.ndarray]:
-    """Image-prior selection (views.md §4): rank candidates by ``hamming(hash(view 0), hash(view t)) / t``.
+    """Image-prior selection (docs/upstream/views.md §4): rank candidates by ``hamming(hash(view 0), hash(view t)) / t``.
 
     Args:
         box_hash: hash of a float32 box, e.g. ``functools.partial(region_phash, grey)``.

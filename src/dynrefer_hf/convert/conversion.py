@@ -1,6 +1,6 @@
 """The full conversion: upstream DynRefer + BLIP-2 + EVA ViT-g + Flan-T5 + EVA-CLIP -> one HF model folder.
 
-Upstream's effective weights (checkpoint.md §3) are reproduced by applying the sources in upstream's
+Upstream's effective weights (docs/upstream/checkpoint.md §3) are reproduced by applying the sources in upstream's
 load order, later ones overwriting earlier ones: Flan-T5 (language model), EVA ViT-g (vision tower),
 BLIP-2 (`ln_vision`, `query_tokens`, and a Q-Former / projection that DynRefer then replaces), DynRefer
 (the trained part). The three label tables are encoded with the EVA-CLIP text tower.
@@ -48,11 +48,11 @@ __all__ = [
 ]
 
 SHARED_EMBEDDING = "language_model.shared.weight"
-# buffer -> the config field holding the strings encoded into it, in row order (model.md §10).
+# buffer -> the config field holding the strings encoded into it, in row order (docs/upstream/model.md §10).
 TEXT_TABLES = {"clip_embeds": "tag_names", "att_embeds": "attribute_prompts", "ov_embeds": "class_prompts"}
 TEXT_ENCODER_PREFIX = "text_encoder."
 
-# Upstream's load order (checkpoint.md §3): a later source overwrites what an earlier one set.
+# Upstream's load order (docs/upstream/checkpoint.md §3): a later source overwrites what an earlier one set.
 SOURCE_ORDER = ("flan_t5", "eva_vit", "blip2", "dynrefer", "eva_clip")
 SOURCE_NAMES = {
     "flan_t5": "Flan-T5",
@@ -164,7 +164,7 @@ def _target_dtype(key: str, tensor: torch.Tensor, language_model_dtype: torch.dt
     if not tensor.is_floating_point():
         return tensor.dtype
     # The LM in bf16 as upstream (or fp32); everything else fp32, including the ViT that LAVIS keeps in
-    # fp16 (autocast reproduces that at run time, model.md §2).
+    # fp16 (autocast reproduces that at run time, docs/upstream/model.md §2).
     return language_model_dtype if key.startswith("language_model.") else torch.float32
 
 
@@ -184,7 +184,7 @@ def assemble_weights(
         inventory: [`model_weight_inventory`] of the target model.
         num_vision_layers: ViT depth of the target (extra EVA blocks are dropped).
         trainable_modules: the model's trained top-level modules; the DynRefer checkpoint must fill all of
-            them (LAVIS would silently keep random values for a missing one, checkpoint.md §2).
+            them (LAVIS would silently keep random values for a missing one, docs/upstream/checkpoint.md §2).
         language_model_dtype: dtype of `language_model.*` (bf16 as upstream, or fp32).
         tables: the computed `clip_embeds` / `att_embeds` / `ov_embeds` (meta tensors for a dry run).
 
@@ -279,7 +279,7 @@ def compute_text_tables(model, tokenizer, batch_size: int = 64) -> dict[str, tor
     """`clip_embeds`, `att_embeds`, `ov_embeds` of `model.config`'s vocabularies with the model's text encoder.
 
     Rows are the exact strings upstream encodes: the raw tag names, the OVAD attribute prompts and the
-    class prompts (model.md §10).
+    class prompts (docs/upstream/model.md §10).
     """
     return {
         name: model.encode_texts(getattr(model.config, field), tokenizer, batch_size)
@@ -321,7 +321,7 @@ def check_run_config(run_config: Mapping, config) -> None:
 def released_config(flan_t5_folder: str | os.PathLike):
     """The released model's `DynReferConfig` with the language model's config read from `flan_t5_folder`.
 
-    LAVIS runs Flan-T5 with exact GELU instead of its `gelu_new` (model.md §11); that is forced here.
+    LAVIS runs Flan-T5 with exact GELU instead of its `gelu_new` (docs/upstream/model.md §11); that is forced here.
     """
     from transformers import AutoConfig
 

@@ -1,4 +1,4 @@
-"""Pure key mappings from upstream checkpoints onto this library's parameter names (checkpoint.md §5).
+"""Pure key mappings from upstream checkpoints onto this library's parameter names (docs/upstream/checkpoint.md §5).
 
 Every mapper takes a flat state dict and returns a [`MappedWeights`]: the renamed (and, where the layouts
 differ, reshaped) tensors under `DynReferForRegionCaptioning`'s names, plus the source keys that are
@@ -42,12 +42,12 @@ __all__ = [
 
 # Reasons for keys that are read but deliberately not written.
 DROP_POSITION_IDS = "constant BERT position-id buffer; the Q-Former gets no text input"
-DROP_QFORMER_TEXT = "text-side Q-Former part, removed by BLIP-2-T5 (model.md §6)"
-DROP_T5_ALIAS = "tied alias of the T5 shared embedding (checked equal to it, checkpoint.md §2)"
-DROP_EXTRA_VIT_BLOCK = "EVA ViT block beyond the {num_layers} that BLIP-2 uses (model.md §2)"
-DROP_EVA_HEAD = "EVA final norm / head, absent from LAVIS's ViT-g (model.md §2)"
-DROP_LOGIT_SCALE = "CLIP logit scale, unused (model.md §10)"
-DROP_CLIP_VISION = "EVA-CLIP vision tower, unused by DynRefer (model.md §10)"
+DROP_QFORMER_TEXT = "text-side Q-Former part, removed by BLIP-2-T5 (docs/upstream/model.md §6)"
+DROP_T5_ALIAS = "tied alias of the T5 shared embedding (checked equal to it, docs/upstream/checkpoint.md §2)"
+DROP_EXTRA_VIT_BLOCK = "EVA ViT block beyond the {num_layers} that BLIP-2 uses (docs/upstream/model.md §2)"
+DROP_EVA_HEAD = "EVA final norm / head, absent from LAVIS's ViT-g (docs/upstream/model.md §2)"
+DROP_LOGIT_SCALE = "CLIP logit scale, unused (docs/upstream/model.md §10)"
+DROP_CLIP_VISION = "EVA-CLIP vision tower, unused by DynRefer (docs/upstream/model.md §10)"
 DROP_ATTN_MASK = "causal mask buffer, rebuilt by the model"
 
 T5_ALIAS_SUFFIXES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -251,7 +251,7 @@ def _map_eva_clip_text(
 
 
 def map_eva_clip_text_state_dict(state_dict: Mapping[str, torch.Tensor]) -> MappedWeights:
-    """Map the EVA-CLIP text tower onto `text_encoder.*` (a `CLIPTextModelWithProjection`, model.md §10).
+    """Map the EVA-CLIP text tower onto `text_encoder.*` (a `CLIPTextModelWithProjection`, docs/upstream/model.md §10).
 
     Accepts the whole `eva_clip_psz14.pt` (`text.*` is mapped; `visual.*` and `logit_scale` are dropped) or
     the bare `TextTransformer` keys. `in_proj_weight`/`in_proj_bias` are split into q/k/v and

@@ -48,7 +48,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     file never sits in memory twice).
 
     A LAVIS training checkpoint (`{"model": state_dict, "optimizer": ..., "config": ..., ...}`) yields its
-    `"model"` entry, as LAVIS's own loader does (checkpoint.md §1).
+    `"model"` entry, as LAVIS's own loader does (docs/upstream/checkpoint.md §1).
 
     Raises:
         CheckpointLoadError: missing, truncated or unsafe file, or content that is not a state dict.
@@ -80,7 +80,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def read_run_config(path: str | os.PathLike) -> dict:
-    """The run config a LAVIS training checkpoint stores under `"config"` (checkpoint.md §1); `{}` if none."""
+    """The run config a LAVIS training checkpoint stores under `"config"` (docs/upstream/checkpoint.md §1); `{}` if none."""
     content = _torch_load(Path(path))
     config = content.get("config") if isinstance(content, dict) else None
     return config if isinstance(config, dict) else {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["PAPER_SCORES", "render_model_card"]
 
-# Upstream README / spec evaluation.md §7: (benchmark, released checkpoint, metric).
+# Upstream README / docs/upstream/evaluation.md §7: (benchmark, released checkpoint, metric).
 PAPER_SCORES = (
     ("VG v1.2 dense captioning (GT boxes)", "vg1.2_5e", "mAP 47.6"),
     ("VG region captioning", "vg1.2_5e", "METEOR 21.2, CIDEr 190.5"),

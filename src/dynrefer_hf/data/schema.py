@@ -1,7 +1,7 @@
 """The region dataset schema shared by every dataset this library trains or evaluates on.
 
 One record is one image with all of its annotated regions (upstream's evaluation layout,
-evaluation.md §2); per-region fields are parallel lists. See docs/data.md for the full description.
+docs/upstream/evaluation.md §2); per-region fields are parallel lists. See docs/data.md for the full description.
 """
 
 from __future__ import annotations

@@ -78,10 +78,10 @@ def predict_regions(
 def evaluate_regions(model, processor, dataset, **predict_kwargs) -> RegionEvaluation:
     """Predict every region of ``dataset`` (see `predict_regions`) and score the predictions.
 
-    * CIDEr-D: each region is its own document, its caption the single reference (evaluation.md §3);
+    * CIDEr-D: each region is its own document, its caption the single reference (docs/upstream/evaluation.md §3);
       regions with an empty caption are left out.
-    * attribute mAP: OVAD's protocol (evaluation.md §5); regions without attribute labels count as ignored.
-    * class accuracy: top-1 over the regions with a class (evaluation.md §6).
+    * attribute mAP: OVAD's protocol (docs/upstream/evaluation.md §5); regions without attribute labels count as ignored.
+    * class accuracy: top-1 over the regions with a class (docs/upstream/evaluation.md §6).
     """
     predictions = predict_regions(model, processor, dataset, **predict_kwargs)
     references = [caption for captions in dataset["captions"] for caption in captions]

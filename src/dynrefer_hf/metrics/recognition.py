@@ -1,4 +1,4 @@
-"""Region recognition metrics: attribute mAP (OVAD protocol) and class accuracy (evaluation.md §5-§6)."""
+"""Region recognition metrics: attribute mAP (OVAD protocol) and class accuracy (docs/upstream/evaluation.md §5-§6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sampling ops of DynRefer: RoIAlign (model.md §3) and DCNv4's offset resampling (model.md §4.4).
+"""Sampling ops of DynRefer: RoIAlign (docs/upstream/model.md §3) and DCNv4's offset resampling (docs/upstream/model.md §4.4).
 
 Each public function validates and normalises its arguments, then dispatches to a backend:
 
@@ -286,7 +286,7 @@ def offset_resample(
     backend: str | None = None,
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """DCNv4's core sampling op (model.md §4.4): deformable, mask-weighted sum of bilinear samples.
+    """DCNv4's core sampling op (docs/upstream/model.md §4.4): deformable, mask-weighted sum of bilinear samples.
 
     Args:
         value: ``[N, H, W, C]`` channels last, ``C`` divisible by ``group``.

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementations of the two sampling ops (model.md §3 and §4.4).
+"""Pure-PyTorch reference implementations of the two sampling ops (docs/upstream/model.md §3 and §4.4).
 
 Both functions take already-validated, normalised arguments (see :mod:`dynrefer_hf.ops` for the public,
 checking entry points). They are vectorised over boxes, sampling points, groups and kernel points, run on
@@ -156,7 +156,7 @@ def offset_resample_reference(
     offset_scale: float,
     remove_center: bool,
 ) -> torch.Tensor:
-    """DCNv4's core sampling op (model.md §4.4), via ``F.grid_sample``.
+    """DCNv4's core sampling op (docs/upstream/model.md §4.4), via ``F.grid_sample``.
 
     For output position ``(y, x)``, group ``g`` and kernel point ``k = i * kernel_h + j`` (x-major), the
     sample lands at ``p0 + (tap + offset) * offset_scale`` with ``p0 = x * stride - pad + half * (1 - s)``,

@@ -1,4 +1,4 @@
-"""DCNv4's offset resampling (model.md §4.4) as Triton kernels, forward and backward.
+"""DCNv4's offset resampling (docs/upstream/model.md §4.4) as Triton kernels, forward and backward.
 
 ``value`` is channels last, so a program takes a block of ``BLOCK_Q`` output positions of one image and one
 group and vectorises over ``BLOCK_D`` channels of that group: every bilinear corner is a ``[BLOCK_Q,

@@ -1,4 +1,4 @@
-"""RoIAlign (model.md §3, torchvision's numbers) as Triton kernels, forward and backward.
+"""RoIAlign (docs/upstream/model.md §3, torchvision's numbers) as Triton kernels, forward and backward.
 
 Layout of the work:
 

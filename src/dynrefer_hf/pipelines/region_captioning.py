@@ -49,7 +49,7 @@ DEFAULT_MODEL: tuple[str, str | None] = (str(SHAPES_DEMO_PATH), None)
 
 TASK = "region-captioning"
 
-# Upstream describes regions in chunks of 20 (`split_size`, spec model.md §16).
+# Upstream describes regions in chunks of 20 (`split_size`, docs/upstream/model.md §16).
 DEFAULT_REGION_BATCH_SIZE = 20
 
 # Marks a parameter the caller did not pass (where `None` is a meaningful value).

@@ -357,7 +357,7 @@ def train_demo_model(
 def calibrate_tag_threshold(model, processor, dataset, settings: ShapesDemoSettings) -> float:
     """The tag threshold (0.05 steps in [0.3, 0.95]) with the best micro-F1 of predicted tags on ``dataset``.
 
-    Upstream also sets the threshold per dataset (0.7, 0.76, 0.8; model.md §17); the tags feed the control
+    Upstream also sets the threshold per dataset (0.7, 0.76, 0.8; docs/upstream/model.md §17); the tags feed the control
     prompt, so a threshold that lets in wrong words misleads the captions.
     """
     model.eval()

@@ -16,7 +16,7 @@ __all__ = ["RegionTrainingCollator", "sample_control_words"]
 def sample_control_words(
     candidates: Sequence[str], rng: random.Random, full_drop_ratio: float = 0.5, drop_ratio: float = 0.5
 ) -> list[str]:
-    """Upstream's training-time control words (model.md §12).
+    """Upstream's training-time control words (docs/upstream/model.md §12).
 
     With probability ``full_drop_ratio`` no word at all; otherwise every candidate is kept independently
     when a uniform draw exceeds ``drop_ratio``, and the kept words are shuffled.
@@ -33,7 +33,7 @@ class RegionTrainingCollator:
     """Turns a list of region-schema records (docs/data.md) into one training batch of all their regions.
 
     Every record contributes all of its regions. Views are drawn with the processor's ``"random"``
-    selection (upstream's training sampling, views.md §3) unless ``view_selection`` says otherwise; control
+    selection (upstream's training sampling, docs/upstream/views.md §3) unless ``view_selection`` says otherwise; control
     prompts come from each region's tags through `sample_control_words`; captions become ``labels``.
 
     Returns a dict with the processor's ``pixel_values [R, V, 3, S, S]``, ``view_boxes [R, V, 4]``,

@@ -1,5 +1,5 @@
-"""Fine-tuning helpers: PEFT LoRA on the language model (upstream's ``finetune_llm``, model.md §14) and the
-region-caption contrastive loss fed from the captions of each batch (model.md §8).
+"""Fine-tuning helpers: PEFT LoRA on the language model (upstream's ``finetune_llm``, docs/upstream/model.md §14) and the
+region-caption contrastive loss fed from the captions of each batch (docs/upstream/model.md §8).
 
 `examples/finetune.py` puts these together with `RegionTrainer`; docs/training.md explains the choices.
 """
@@ -37,7 +37,7 @@ def language_model_lora_config(
     lora_dropout: float = 0.0,
     targets: Sequence[str] = UPSTREAM_LORA_TARGETS,
 ):
-    """A peft `LoraConfig` with targets inside ``model.language_model`` only (defaults: model.md §14).
+    """A peft `LoraConfig` with targets inside ``model.language_model`` only (defaults: docs/upstream/model.md §14).
 
     ``targets`` are module-name suffixes as in peft (``"q"`` matches every ``...SelfAttention.q`` and
     ``...EncDecAttention.q`` of the T5); the regex keeps them inside the language model, so a Q-Former or
@@ -103,7 +103,7 @@ PER_REGION_FIELDS = ("boxes", "captions", "tags", "attributes", "classes")
 
 class OneRegionPerSample(Dataset):
     """A view of a region dataset (docs/data.md) with one sample per region, upstream's training layout
-    (``obj_lvl``, model.md §18): a batch of ``n`` samples is ``n`` regions, the same count on every process,
+    (``obj_lvl``, docs/upstream/model.md §18): a batch of ``n`` samples is ``n`` regions, the same count on every process,
     which the all-gathered contrastive loss assumes (docs/training.md). Sample ``k`` is the record of its
     image with only region ``k``; images are decoded when a sample is read.
     """
@@ -151,7 +151,7 @@ class CaptionTextCollator:
 
 class CaptionEmbeddingTrainer(RegionTrainer):
     """`RegionTrainer` that turns each batch's ``captions`` into ``caption_embeds``, enabling the sigmoid
-    region-caption loss ``loss_att`` (model.md §8), all-gathered across processes under torch.distributed.
+    region-caption loss ``loss_att`` (docs/upstream/model.md §8), all-gathered across processes under torch.distributed.
 
     Checkpoints of a LoRA run hold, next to peft's adapter file, the other trained parameters
     (``trained_modules.safetensors``); resuming restores both. Under DistributedDataParallel the label losses
@@ -204,7 +204,7 @@ class CaptionEmbeddingTrainer(RegionTrainer):
                     expected[name].copy_(tensor)
 
     def get_decay_parameter_names(self, model) -> list[str]:
-        """Upstream's rule (model.md §18): no weight decay for biases and for parameters of fewer than 2
+        """Upstream's rule (docs/upstream/model.md §18): no weight decay for biases and for parameters of fewer than 2
         dimensions (norm weights, ``cem_memory``, ``attr_t``, ``attr_b``)."""
         return [
             name for name, parameter in model.named_parameters() if parameter.ndim >= 2 and "bias" not in name

@@ -87,7 +87,7 @@ def label_supervision_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Direct losses for the attribute and class heads from region labels.
 
-    The logits are the attribute head's raw scores `s` (model.md §8-§9; for an attribute, the max over its
+    The logits are the attribute head's raw scores `s` (docs/upstream/model.md §8-§9; for an attribute, the max over its
     prompts) scaled as in upstream's contrastive training, `s * exp(attr_t) + attr_b`: `s` is a dot product
     with an L2-normalised vector, too narrow a range to fit labels unscaled. Inference ranks by `s` itself
     (sigmoid for attributes, argmax for classes), which the scaling does not reorder. Classes are trained
