@@ -85,13 +85,13 @@ WORKER = textwrap.dedent(
         rows = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
         model = contrastive_model()
         output = model(pixel_values[rows], view_boxes[rows], caption_embeds=caption_embeds[rows])
-        output.loss_att.backward()
+        output.loss_region_text.backward()
         grads = {}
         for name, parameter in model.named_parameters():
             if parameter.grad is not None:
                 dist.all_reduce(parameter.grad)  # what DDP does: sum, then divide by the world size
                 grads[name] = parameter.grad / world
-        result[split] = {"loss": output.loss_att.item(), "logits": output.contrastive_logits.detach()}
+        result[split] = {"loss": output.loss_region_text.item(), "logits": output.contrastive_logits.detach()}
         if rank == 0:
             torch.save(grads, os.path.join(out, f"grads_{split}.pt"))
 

@@ -425,7 +425,7 @@ def test_contrastive_loss_single_process(model, inputs):
     i2t = -F.logsigmoid(labels * logits_i2t).sum() / batch
     t2i = -F.logsigmoid(labels * logits_t2i).sum() / batch
     expected = 0.5 * (i2t + t2i) * 0.5
-    assert torch.allclose(output.loss_att.double(), expected, rtol=1e-4)
+    assert torch.allclose(output.loss_region_text.double(), expected, rtol=1e-4)
     assert torch.allclose(output.contrastive_logits.double(), logits_t2i, rtol=1e-4, atol=1e-4)
 
 
@@ -487,7 +487,7 @@ def test_language_model_inputs_and_caption_loss(model, inputs, tokenizer, region
     token_nll = -log_probs.gather(2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     expected_loss = token_nll[keep].sum() / keep.sum()
     assert torch.allclose(output.logits, logits, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(output.loss_llm.double(), expected_loss, rtol=1e-4)
+    assert torch.allclose(output.loss_caption.double(), expected_loss, rtol=1e-4)
 
 
 def test_generation_uses_released_defaults_and_scores(model, inputs, tokenizer, region_queries):
