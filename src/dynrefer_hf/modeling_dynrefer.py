@@ -993,7 +993,6 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> DynReferOutput | tuple:
         r"""
         Args:
