@@ -101,8 +101,8 @@ class RegionTrainer(Trainer):
       region queries predicts the classes, attributes and tags (the model's class and attribute label losses,
       binary cross-entropy for tags). The label heads score labels through cross-attention to the region
       queries, a path whose gradient reaching the backbone is tiny at initialisation; the probe gives the
-      backbone a direct signal. The probe trains with the model but is not part of it (nothing of it is saved);
-      being outside the model, it is for single-process runs;
+      backbone a direct signal. The probe trains with the model but is not part of it (nothing of it is saved;
+      under several processes it has its own DistributedDataParallel wrapper);
     * upstream's weight-decay rule (docs/upstream/model.md §18): none for biases and parameters of fewer than
       2 dimensions;
     * LoRA checkpoints (peft) that hold, next to the adapters, the other trained parameters
@@ -131,19 +131,16 @@ class RegionTrainer(Trainer):
         self.probe_loss_weight = probe_loss_weight
         self.probe = None
         if probe_loss_weight > 0:
-            if self.args.world_size > 1:
-                raise ValueError(
-                    "probe_loss_weight needs a single process: the probe is not part of the model, so "
-                    "DistributedDataParallel would not synchronise it"
-                )
             outputs = config.num_classes + config.num_attributes + config.num_tags
             self.probe = torch.nn.Linear(config.qformer_config.hidden_size, outputs).to(self.model.device)
+            if self.args.world_size > 1:  # outside the model's DDP wrapper: synchronised by its own
+                self.probe = torch.nn.parallel.DistributedDataParallel(self.probe)
         self._loss_parts: dict[str, list[float]] = defaultdict(list)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         if self.probe is not None and not any(
-            parameter is self.probe.weight
+            parameter is next(self.probe.parameters())
             for group in optimizer.param_groups
             for parameter in group["params"]
         ):
