@@ -96,6 +96,8 @@ def test_forward_backward_of_every_loss(tokenizer):
         caption_embeds=caption_embeds,
         **make_batch(tokenizer),
     )
+    with pytest.warns(FutureWarning, match="loss_region_text"):
+        torch.testing.assert_close(out["loss_att"], out.loss_region_text)  # the deprecated name still reads
     for name in ("loss_caption", "loss_tag", "loss_region_text"):
         assert torch.isfinite(out[name]) and out[name].item() > 0, name
     assert torch.allclose(out.loss, out.loss_caption + out.loss_tag + out.loss_region_text)
@@ -901,3 +903,51 @@ def test_bad_targets_raise(tokenizer):
         model(pixel_values, view_boxes, input_ids=torch.zeros(REGIONS + 1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="controls"):
         model.describe_regions(pixel_values, view_boxes, tokenizer, controls=[["a"]])
+
+
+def test_nested_outputs_decoder_input_ids_and_eager_attention(tokenizer):
+    model = make_tiny_model()
+    pixel_values, view_boxes = make_views()
+    decoder_input_ids = torch.tensor([[0, 5, 6], [0, 7, 8]])[: pixel_values.shape[0]]
+    with torch.no_grad():
+        sdpa = model(pixel_values, view_boxes)
+        model.set_attn_implementation("eager")  # attention weights need eager; the label heads follow the config
+        assert model.tag_head.encoder.layer[0].crossattention.self.config._attn_implementation == "eager"
+        out = model(
+            pixel_values,
+            view_boxes,
+            decoder_input_ids=decoder_input_ids,
+            output_attentions=True,
+            output_hidden_states=True,
+        )
+    config = model.config
+    regions, views = pixel_values.shape[:2]
+    assert out.loss is None and out.logits.shape == (regions, 3, config.text_config.vocab_size)
+    vision, qformer, language = out.vision_outputs, out.qformer_outputs, out.language_model_outputs
+    assert len(vision.hidden_states) == config.vision_config.num_hidden_layers + 1
+    assert vision.hidden_states[0].shape[0] == regions * views and len(vision.attentions) == 2
+    assert len(qformer.hidden_states) == config.qformer_config.num_hidden_layers + 1
+    assert len(language.decoder_hidden_states) == config.text_config.num_decoder_layers + 1
+    torch.testing.assert_close(sdpa.tag_logits, out.tag_logits, rtol=1e-2, atol=1e-2)  # bf16-rounded
+    with pytest.warns(FutureWarning, match="loss_caption"):
+        assert out.loss_llm is None
+
+
+def test_missing_language_model_weights_get_t5_initialisation(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny_model()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    missing = [key for key in state if key.startswith("language_model.") and ".SelfAttention.q." in key]
+    for key in missing:
+        state.pop(key)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = DynReferForRegionCaptioning.from_pretrained(tmp_path)
+    text = model.config.text_config
+    q = loaded.language_model.encoder.block[0].layer[0].SelfAttention.q.weight
+    # T5: q ~ N(0, (d_model * d_kv) ** -0.5); a left-over N(0, 1) would be 16 times wider
+    assert q.std().item() == pytest.approx((text.d_model * text.d_kv) ** -0.5, rel=0.25)
+    k = "language_model.encoder.block.0.layer.0.SelfAttention.k.weight"
+    torch.testing.assert_close(loaded.state_dict()[k], model.state_dict()[k])  # loaded weights untouched
+    assert torch.count_nonzero(DynReferForRegionCaptioning(model.config).clip_embeds) == 0  # deterministic tables

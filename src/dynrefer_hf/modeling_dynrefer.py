@@ -110,12 +110,12 @@ class DynReferOutput(ModelOutput):
     @property
     def loss_llm(self) -> torch.FloatTensor | None:
         """Deprecated name of `loss_caption`."""
-        return self[_renamed_output("loss_llm")]
+        return getattr(self, _renamed_output("loss_llm"))
 
     @property
     def loss_att(self) -> torch.FloatTensor | None:
         """Deprecated name of `loss_region_text` (the region-caption contrastive loss)."""
-        return self[_renamed_output("loss_att")]
+        return getattr(self, _renamed_output("loss_att"))
 
 
 # old DynReferOutput field names, kept readable (with a FutureWarning) by attribute and by key
