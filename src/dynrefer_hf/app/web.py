@@ -370,7 +370,7 @@ def build_demo(
         )
         with gr.Row():
             with gr.Column(scale=3) as left:
-                board = gr.HTML(_show_board(None), elem_id="dr-board")
+                board = gr.HTML(_show_board(None), padding=False, elem_id="dr-board")
             with gr.Column(scale=2):
                 picture = gr.Image(
                     type="filepath",
