@@ -6,9 +6,11 @@ Describe and compares the table with what the pipeline returns for the same boxe
 """
 
 import json
+import runpy
 import shutil
 import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -98,6 +100,14 @@ def test_demo_command_without_gradio_says_what_to_install(monkeypatch, capsys):
         "dynrefer demo: the web demo needs Gradio (gradio>=5.0,<6), which is not installed: "
         "pip install 'dynrefer_hf[demo]'"
     )
+
+
+def test_app_py_builds_the_same_page_for_spaces():
+    import gradio as gr
+
+    namespace = runpy.run_path(str(Path(__file__).resolve().parents[1] / "app.py"), run_name="app")
+    assert isinstance(namespace["demo"], gr.Blocks)
+    assert namespace["demo"].title == "DynRefer: describe image regions"
 
 
 def test_demo_command_checks_the_port_first(capsys):

@@ -429,9 +429,10 @@ def build_demo(
                 datatype=["number", "str", "str", "number", "str", "str", "str"],
                 label="Descriptions",
                 interactive=False,
-                scale=3,
+                scale=4,
                 wrap=True,
-                column_widths=["4%", "12%", "26%", "9%", "13%", "15%", "21%"],
+                max_height=900,
+                column_widths=["4%", "12%", "25%", "10%", "12%", "14%", "23%"],
                 elem_id="dr-table",
             )
         views = gr.Image(label="Views (t = 0 is the box itself)", type="pil", format="png", visible=False)
