@@ -248,3 +248,29 @@ def test_drawn_boxes_are_described_as_the_pipeline_describes_them(page, describe
     assert [row[2] for row in rows] == [result["caption"] for result in expected]
     assert [row[4].split(" (")[0] for row in rows] == [result["label"]["name"] for result in expected]
     page.locator("#dr-regions img").wait_for()  # the picture with the numbered boxes came back too
+
+
+def test_control_words_explicit_views_and_the_views_picture(page, describe):
+    path, shape_boxes = EXAMPLES[2]
+    image = PIL.Image.open(path).convert("RGB")
+    _upload(page, path)
+    page.wait_for_function("document.querySelector('#dr-boxes textarea').value === ''")
+    page.fill(
+        "#dr-boxes textarea",
+        f"{','.join(map(str, shape_boxes[0]))}\n{','.join(map(str, shape_boxes[3]))}: blue",
+    )
+    page.get_by_label("explicit t").check()
+    page.get_by_label("Show the views").check()
+    ratios = [
+        float(value) for value in page.eval_on_selector_all("input[type=range]", "s => s.map(i => i.value)")
+    ]
+    assert len(ratios) == describe.image_processor.num_views - 1
+    page.click("#dr-describe")
+    page.locator("#dr-views img").wait_for(timeout=60_000)
+    rows = page.eval_on_selector_all(
+        TABLE_ROWS, "rows => rows.map(r => r.querySelectorAll('td')[2].innerText.trim())"
+    )
+    expected = describe(
+        image, boxes=[shape_boxes[0], shape_boxes[3]], controls=[[], ["blue"]], view_selection=ratios
+    )
+    assert rows == [result["caption"] for result in expected]

@@ -435,7 +435,13 @@ def build_demo(
                 column_widths=["4%", "12%", "25%", "10%", "12%", "14%", "23%"],
                 elem_id="dr-table",
             )
-        views = gr.Image(label="Views (t = 0 is the box itself)", type="pil", format="png", visible=False)
+        views = gr.Image(
+            label="Views (t = 0 is the box itself)",
+            type="pil",
+            format="png",
+            visible=False,
+            elem_id="dr-views",
+        )
 
         # Gradio finds the progress tracker by its default value (a fresh tracker per call).
         def describe_regions(values, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
