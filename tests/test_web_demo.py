@@ -110,6 +110,17 @@ def test_app_py_builds_the_same_page_for_spaces():
     assert namespace["demo"].title == "DynRefer: describe image regions"
 
 
+def test_demo_command_serves_the_page_where_asked(monkeypatch):
+    import gradio as gr
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda demo, **options: launched.update(options, demo=demo))
+    assert main(["demo", "--host", "0.0.0.0", "--port", "8123", "--share", "no", "--device", "cpu"]) == 0
+    demo = launched.pop("demo")
+    assert isinstance(demo, gr.Blocks)
+    assert launched == {"server_name": "0.0.0.0", "server_port": 8123, "share": False, **web.LAUNCH_OPTIONS}
+
+
 def test_demo_command_checks_the_port_first(capsys):
     assert main(["demo", "--port", "0"]) == 2
     assert capsys.readouterr().err.strip() == "dynrefer demo: --port must be between 1 and 65535, got 0"
