@@ -337,6 +337,27 @@ def test_triton_operators_under_autocast():
     )
 
 
+def test_triton_operators_trace_without_graph_breaks():
+    """Dynamo and AOT autograd see the Triton operators as single nodes (fake shapes, registered backward)."""
+    import torch._dynamo
+
+    input, rois = _roi_case(torch.float32)
+    value, offset_mask = _offset_case(torch.float32)
+
+    def function(input, rois, value, offset_mask):
+        pooled = ops.roi_align(input, rois, (3, 4), 0.5, -1, backend="triton")
+        return pooled.square().sum() + ops.offset_resample(value, offset_mask, group=2, backend="triton").sum()
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(function)(input, rois, value, offset_mask)
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    inputs = [tensor.detach().requires_grad_() for tensor in (input, value, offset_mask)]
+    compiled = torch.compile(function, backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(compiled(inputs[0], rois, *inputs[1:]), inputs)
+    expected = torch.autograd.grad(function(inputs[0], rois, *inputs[1:]), inputs)
+    torch.testing.assert_close(grads, expected)
+
+
 # ------------------------------------------------------------------------------------------------- training
 
 
