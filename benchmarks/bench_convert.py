@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, git_commit, machine_description, versions, write_results  # noqa: E402
+from _common import RESULTS, ROOT, git_commit, machine_description, versions, write_results
 
 sys.path.insert(0, str(ROOT / "tests"))
 

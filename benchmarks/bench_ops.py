@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, git_commit, interleaved, machine_description, versions, write_results  # noqa: E402
+from _common import RESULTS, git_commit, interleaved, machine_description, versions, write_results
 
-import dynrefer_hf.ops  # noqa: E402, F401 (registers the reference operators)
+import dynrefer_hf.ops  # noqa: F401 (registers the reference operators)
 
 
 @dataclass

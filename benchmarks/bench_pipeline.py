@@ -28,10 +28,10 @@ import torch
 from transformers import pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, git_commit, interleaved, machine_description, versions, write_results  # noqa: E402
+from _common import RESULTS, ROOT, git_commit, interleaved, machine_description, versions, write_results
 
-import dynrefer_hf  # noqa: E402 (registers the task; also gives load_rgb_image)
-from dynrefer_hf.pretrained import SHAPES_DEMO_PATH  # noqa: E402
+import dynrefer_hf  # registers the task; also gives load_rgb_image
+from dynrefer_hf.pretrained import SHAPES_DEMO_PATH
 
 PHOTO = ROOT / "tests" / "fixtures" / "images" / "COCO_val2014_000000000192.jpg"  # 640x480
 
@@ -57,7 +57,9 @@ def peak_memory_gib(device: torch.device, function) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="model folder, Hub id or 'shapes-demo' (default: a tiny random model)")
+    parser.add_argument(
+        "--model", help="model folder, Hub id or 'shapes-demo' (default: a tiny random model)"
+    )
     parser.add_argument("--regions", type=int, default=40)
     parser.add_argument("--batch-sizes", default="1,5,20,40")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
@@ -85,13 +87,19 @@ def main() -> None:
 
         return run
 
-    settings = {"one_region_per_call": synchronized(lambda: [describe(image, boxes=[b], **generation) for b in boxes])}
+    settings = {
+        "one_region_per_call": synchronized(lambda: [describe(image, boxes=[b], **generation) for b in boxes])
+    }
     for batch_size in (int(value) for value in args.batch_sizes.split(",")):
         settings[f"batch_size_{batch_size}"] = synchronized(
             lambda size=batch_size: describe(image, boxes=boxes, batch_size=size, **generation)
         )
     timings = interleaved(settings, rounds=args.rounds, warmup=1)
-    peaks = {name: peak_memory_gib(device, run) for name, run in settings.items()} if device.type == "cuda" else {}
+    peaks = (
+        {name: peak_memory_gib(device, run) for name, run in settings.items()}
+        if device.type == "cuda"
+        else {}
+    )
 
     name = "tiny" if args.model is None else Path(str(model)).name
     benchmark = f"pipeline_{name}_{device.type}_{args.regions}regions"

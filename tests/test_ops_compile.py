@@ -55,7 +55,9 @@ def test_ops_compile_without_graph_breaks():
     explanation, reasons = _explain(function, input, rois, value, offset_mask)
     assert explanation.graph_break_count == 0, reasons
     compiled = torch.compile(function, backend="aot_eager", fullgraph=True)
-    for actual, expected in zip(compiled(input, rois, value, offset_mask), function(input, rois, value, offset_mask)):
+    for actual, expected in zip(
+        compiled(input, rois, value, offset_mask), function(input, rois, value, offset_mask)
+    ):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 

@@ -494,7 +494,9 @@ def test_roi_align_operator_opcheck(sampling_ratio, aligned):
     """Schema, fake implementation, autograd registration and AOT tracing of dynrefer::roi_align."""
     input, rois = _roi_case()
     for args in ((input, rois), (input.float(), rois.float())):
-        result = torch.library.opcheck(torch.ops.dynrefer.roi_align, (*args, [3, 2], 0.5, sampling_ratio, aligned))
+        result = torch.library.opcheck(
+            torch.ops.dynrefer.roi_align, (*args, [3, 2], 0.5, sampling_ratio, aligned)
+        )
         assert set(result.values()) == {"SUCCESS"}, result
     assert torch.autograd.gradcheck(
         lambda x: torch.ops.dynrefer.roi_align(x, rois, [3, 2], 0.5, sampling_ratio, aligned), (input,)
@@ -512,14 +514,18 @@ def test_backward_operators_match_autograd_of_the_reference():
     """The explicit backward operators give the gradients autograd computes through the reference."""
     input, rois = _roi_case()
     grad = torch.randn(4, 3, 3, 2, dtype=torch.float64)
-    (expected,) = torch.autograd.grad(ops.reference.roi_align_reference(input, rois, (3, 2), 0.5, -1, False), input, grad)
+    (expected,) = torch.autograd.grad(
+        ops.reference.roi_align_reference(input, rois, (3, 2), 0.5, -1, False), input, grad
+    )
     (actual,) = torch.autograd.grad(roi_align(input, rois, (3, 2), 0.5, -1, **REF), input, grad)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
     value, offset_mask = _offset_case()
     out = offset_resample(value, offset_mask, group=2, **REF)
     grad = torch.randn(out.shape, dtype=torch.float64)
     expected = torch.autograd.grad(
-        ops.reference.offset_resample_reference(value, offset_mask, (3, 3), (1, 1), (1, 1), (1, 1), 2, 1.0, False),
+        ops.reference.offset_resample_reference(
+            value, offset_mask, (3, 3), (1, 1), (1, 1), (1, 1), 2, 1.0, False
+        ),
         (value, offset_mask),
         grad,
     )

@@ -283,7 +283,9 @@ def test_roi_align_several_blocks_per_dimension():
     2 channel blocks and 6 pixel tiles in the deterministic backward (80 channels > 64, 5x20 map)."""
     generator = torch.Generator().manual_seed(3)
     input = torch.randn(2, 16, 5, 20, generator=generator).to(DEVICE)
-    rois = torch.tensor([[1, 2.0, 1.0, 30.0, 9.0], [0, -3.0, 0.0, 41.0, 11.0], [1, 10.0, 2.0, 22.0, 7.0]], device=DEVICE)
+    rois = torch.tensor(
+        [[1, 2.0, 1.0, 30.0, 9.0], [0, -3.0, 0.0, 41.0, 11.0], [1, 10.0, 2.0, 22.0, 7.0]], device=DEVICE
+    )
     _check_roi_align(input, rois, (17, 17), 2, False, TOLERANCE[torch.float32])
     wide = torch.randn(2, 80, 5, 20, generator=generator).to(DEVICE)
     _check_roi_align(wide, rois, (3, 5), -1, True, TOLERANCE[torch.float32], deterministic=True)
@@ -333,7 +335,9 @@ def test_triton_operators_under_autocast():
     assert same.dtype == torch.float32 and mixed.dtype == torch.bfloat16 and dcn.dtype == torch.float32
     torch.testing.assert_close(same, expected, **TOLERANCE[torch.float32])
     torch.testing.assert_close(
-        dcn, offset_resample_reference(value, offset_mask.bfloat16().float(), **DCN), **TOLERANCE[torch.float32]
+        dcn,
+        offset_resample_reference(value, offset_mask.bfloat16().float(), **DCN),
+        **TOLERANCE[torch.float32],
     )
 
 
@@ -346,7 +350,9 @@ def test_triton_operators_trace_without_graph_breaks():
 
     def function(input, rois, value, offset_mask):
         pooled = ops.roi_align(input, rois, (3, 4), 0.5, -1, backend="triton")
-        return pooled.square().sum() + ops.offset_resample(value, offset_mask, group=2, backend="triton").sum()
+        return (
+            pooled.square().sum() + ops.offset_resample(value, offset_mask, group=2, backend="triton").sum()
+        )
 
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(function)(input, rois, value, offset_mask)
@@ -376,7 +382,9 @@ def test_training_steps_match_the_reference(monkeypatch):
         model = make_tiny_model().to(DEVICE)  # eval mode: no dropout, gradients still flow
         with torch.no_grad():  # non-zero offsets and masks: the alignment and its gradients matter
             weight = model.cvem_align.offset_mask.weight
-            weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight) * 0.1)
+            weight.copy_(
+                torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight) * 0.1
+            )
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
         losses[backend] = []
         for _ in range(3):

@@ -208,14 +208,14 @@ def _check_roi_values(rois: torch.Tensor, num_images: int) -> None:
         return
     batch_index = rois[:, 0]
     finite = torch.isfinite(rois).all()
-    valid_index = ((batch_index >= 0) & (batch_index < num_images) & (batch_index == batch_index.floor())).all()
+    valid_index = (
+        (batch_index >= 0) & (batch_index < num_images) & (batch_index == batch_index.floor())
+    ).all()
     if bool(finite & valid_index):
         return
     if not bool(finite):
         raise ValueError("boxes contain NaN or infinite values")
-    raise ValueError(
-        f"box batch indices must be integers in [0, {num_images}), got {batch_index.tolist()}"
-    )
+    raise ValueError(f"box batch indices must be integers in [0, {num_images}), got {batch_index.tolist()}")
 
 
 # ----------------------------------------------------------------------------------------------- roi_align

@@ -760,7 +760,18 @@ def offset_resample_triton(
 
 
 @offset_resample_triton.register_fake
-def _(value, offset_mask, kernel_size, stride, padding, dilation, group, offset_scale, remove_center, deterministic=False):
+def _(
+    value,
+    offset_mask,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    group,
+    offset_scale,
+    remove_center,
+    deterministic=False,
+):
     _geometry(value, offset_mask, kernel_size, stride, padding, dilation, group, offset_scale, remove_center)
     return value.new_empty(*offset_mask.shape[:3], value.shape[3])
 

@@ -597,7 +597,9 @@ def _roi_align_triton_backward(
 @_roi_align_triton_backward.register_fake
 def _(grad_output, rois, input_shape, channels_last, *config):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(input_shape, dtype=grad_output.dtype, device=grad_output.device, memory_format=memory_format)
+    return torch.empty(
+        input_shape, dtype=grad_output.dtype, device=grad_output.device, memory_format=memory_format
+    )
 
 
 def _setup_context(ctx, inputs, output):
