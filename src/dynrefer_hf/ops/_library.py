@@ -9,7 +9,7 @@ import torch
 __all__ = ["AUTOCAST_DEVICE_TYPES", "register_float32_autocast"]
 
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
-_LIBRARY = torch.library.Library("dynrefer", "FRAGMENT")  # noqa: TOR901 (kept alive for the registrations)
+_LIBRARY = torch.library.Library("dynrefer", "FRAGMENT")  # module-level: the registrations live as long as it
 
 
 def _upcast(argument):
