@@ -44,7 +44,9 @@ class Timings:
         return min(self.cpu)
 
 
-def interleaved(variants: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, Timings]:
+def interleaved(
+    variants: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1
+) -> dict[str, Timings]:
     """Time every variant ``rounds`` times, one run of each per round, the order reversed every other round.
 
     ``warmup`` untimed rounds come first (caches, lazy imports, thread start-up).
@@ -75,7 +77,11 @@ def machine_description(extra: str = "") -> str:
     except OSError:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parts = [model, f"{os.cpu_count()} logical CPUs ({usable} usable)", f"{platform.system()} {platform.release()}"]
+    parts = [
+        model,
+        f"{os.cpu_count()} logical CPUs ({usable} usable)",
+        f"{platform.system()} {platform.release()}",
+    ]
     if hasattr(os, "getloadavg"):
         parts.append("load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     if extra:
@@ -96,8 +102,11 @@ def versions(*distributions: str) -> str:
 
 def git_commit() -> str:
     """Short hash of the checked-out commit, with ``+dirty`` when tracked files differ from it."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
