@@ -676,7 +676,11 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             raise ValueError(f"each view must be [3, {size}, {size}], got {[channels, height, width]}")
         if regions == 0:
             raise ValueError("pixel_values holds no regions (R = 0)")
-        if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
+        # value checks read the tensors (a host sync): eager only, skipped inside torch.compile/export
+        checking_values = not torch.compiler.is_compiling()
+        if not pixel_values.is_floating_point() or (
+            checking_values and not bool(torch.isfinite(pixel_values).all())
+        ):
             raise ValueError("pixel_values must be floating point and free of NaN/inf")
         if not isinstance(view_boxes, torch.Tensor) or tuple(view_boxes.shape) != (regions, views, 4):
             shape = (
@@ -685,9 +689,11 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"view_boxes must be [R, V, 4] = [{regions}, {views}, 4] (x1, y1, x2, y2), got {shape}"
             )
-        if not view_boxes.is_floating_point() or not bool(torch.isfinite(view_boxes).all()):
+        if not view_boxes.is_floating_point() or (
+            checking_values and not bool(torch.isfinite(view_boxes).all())
+        ):
             raise ValueError("view_boxes must be floating point and free of NaN/inf")
-        if bool((view_boxes[..., 2:] < view_boxes[..., :2]).any()):
+        if checking_values and bool((view_boxes[..., 2:] < view_boxes[..., :2]).any()):
             raise ValueError("view_boxes must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1")
 
     @staticmethod
@@ -732,6 +738,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             spatial_scale=self.config.roi_spatial_scale,
             sampling_ratio=self.config.roi_sampling_ratio,
             aligned=self.config.roi_aligned,
+            check_values=False,  # batch indices built above; box values checked once in _check_views
         )
         size = roi_maps.shape[-1]
         roi_maps = roi_maps.view(regions, views, width, size, size)
