@@ -108,7 +108,6 @@ class DynReferModelTest(ModelTesterMixin, unittest.TestCase):
     is_encoder_decoder = True
     additional_model_inputs = ["view_boxes"]  # the target box in every view: part of the image input
     test_resize_embeddings = False  # the language model's embeddings; resizing them is T5's, tested there
-    test_torch_exportable = False  # torch.export of the region encoder is the ops part of issue 10 (tests/test_ops_*)
 
     def setUp(self):
         self.model_tester = DynReferModelTester(self)
