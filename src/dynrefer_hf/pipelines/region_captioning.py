@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from typing import Any
 
@@ -54,6 +55,8 @@ DEFAULT_REGION_BATCH_SIZE = 20
 
 # Marks a parameter the caller did not pass (where `None` is a meaningful value).
 _NOT_GIVEN = object()
+# Marks the end of a prefetched iterator.
+_END = object()
 
 ImageInput = str | os.PathLike | PIL.Image.Image | np.ndarray
 
@@ -95,6 +98,23 @@ def _open_image(file, name: str) -> PIL.Image.Image:
             return opened.convert("RGB")
     except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{name} is not a readable image ({error})") from error
+
+
+def _prefetched(items: Iterator[Any]) -> Iterator[Any]:
+    """The items of ``items``, each next one computed in a background thread while the caller uses the current one.
+
+    The pipeline builds the views of the next chunk while the model describes the current one. Items
+    are computed one at a time and in order; an exception raised computing one is raised here, when it
+    is due.
+    """
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="region-captioning-views") as worker:
+            upcoming = worker.submit(next, items, _END)
+            while (item := upcoming.result()) is not _END:
+                upcoming = worker.submit(next, items, _END)
+                yield item
+    finally:
+        items.close()
 
 
 def _region_controls(controls, num_regions: int) -> list | None:
@@ -350,6 +370,16 @@ class RegionCaptioningPipeline(ChunkPipeline):
         image_processor_kwargs: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Iterable[dict[str, Any]]:
+        """The chunks of ``region_batch_size`` regions, the next one prepared while the model runs on the current one."""
+        return _prefetched(self._chunks(inputs, region_batch_size, image_processor_kwargs, timeout))
+
+    def _chunks(
+        self,
+        inputs: Mapping[str, Any],
+        region_batch_size: int,
+        image_processor_kwargs: Mapping[str, Any] | None,
+        timeout: float | None,
+    ) -> Iterator[dict[str, Any]]:
         if not isinstance(inputs, Mapping) or "image" not in inputs:
             raise ValueError("each input must be an image or a dict with 'image' and 'boxes' or 'masks'")
         image = load_rgb_image(inputs["image"], timeout=timeout)
