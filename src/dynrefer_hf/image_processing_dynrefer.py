@@ -32,8 +32,7 @@ from .views import (
     crop_boxes_from_view_boxes,
     mask_to_box,
     random_ratios,
-    region_phash,
-    rgb_to_grey,
+    region_phasher,
     select_image_prior_ratios,
     standard_phash,
     target_boxes_in_views,
@@ -295,7 +294,9 @@ class DynReferImageProcessor(BaseImageProcessor):
         if not isinstance(view_selection, str):
             return [0.0, *(float(t) for t in view_selection)]
         if view_selection == "image_prior":
-            return select_image_prior_ratios(box_hash, box, width, height, self.num_views, self.candidate_ratios)
+            return select_image_prior_ratios(
+                box_hash, box, width, height, self.num_views, self.candidate_ratios
+            )
         if view_selection == "random":
             return random_ratios(self.num_views, self.candidate_ratios, rng)
         return task_prior_ratios(task, self.num_views)
@@ -335,8 +336,10 @@ class DynReferImageProcessor(BaseImageProcessor):
         if crop.size != target:  # upstream leaves crops of the right size untouched
             crop = crop.resize(target, resample=self.resample)
         view = out[slots[0]]
-        np.copyto(view, np.asarray(crop).transpose(2, 0, 1))  # uint8 HWC -> float32 CHW
-        view *= np.float32(self.rescale_factor)
+        # uint8 HWC -> float32 CHW, times the factor (both in float32, as converting first would do)
+        np.multiply(
+            np.asarray(crop).transpose(2, 0, 1), np.float32(self.rescale_factor), out=view, dtype=np.float32
+        )
         view -= np.asarray(self.image_mean, dtype=np.float32).reshape(3, 1, 1)
         view /= np.asarray(self.image_std, dtype=np.float32).reshape(3, 1, 1)
         for slot in slots[1:]:
@@ -473,7 +476,7 @@ class DynReferImageProcessor(BaseImageProcessor):
         limits = np.array([width, height, width, height], dtype=np.float32)
         if self.phash_method == "imagehash":
             return partial(standard_phash, pil_image)
-        grey = rgb_to_grey(array)  # once per image
+        phash = region_phasher(array, self.phash_resolution)  # grey once per image
         hashes: dict[tuple[int, ...], np.ndarray] = {}  # e.g. t = 1 is the whole image for every region
 
         def box_hash(box: np.ndarray) -> np.ndarray:
@@ -482,7 +485,7 @@ class DynReferImageProcessor(BaseImageProcessor):
             box = np.clip(box, 0, limits)
             key = tuple(box.astype(np.int64).tolist())
             if key not in hashes:
-                hashes[key] = region_phash(grey, box, self.phash_resolution)
+                hashes[key] = phash(box)
             return hashes[key]
 
         return box_hash

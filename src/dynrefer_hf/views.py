@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 from PIL import Image
@@ -39,6 +39,7 @@ __all__ = [
     "mask_to_box",
     "random_ratios",
     "region_phash",
+    "region_phasher",
     "rgb_to_grey",
     "select_image_prior_ratios",
     "standard_phash",
@@ -203,11 +204,16 @@ def rgb_to_grey(image: Image.Image | np.ndarray) -> np.ndarray:
         return image
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"rgb_to_grey expects an [H, W, 3] RGB array, got shape {image.shape}")
-    weights = np.array([4899, 9617, 1868], dtype=np.uint32)
     grey = np.empty(image.shape[:2], dtype=np.uint8)
     for start in range(0, image.shape[0], _GREY_ROWS_PER_CHUNK):  # bounds the uint32 temporaries
         rows = image[start : start + _GREY_ROWS_PER_CHUNK]
-        grey[start : start + _GREY_ROWS_PER_CHUNK] = (rows @ weights + (1 << 13)) >> 14
+        weighted = rows[..., 0].astype(np.uint32)
+        weighted *= 4899
+        weighted += rows[..., 1].astype(np.uint32) * 9617
+        weighted += rows[..., 2].astype(np.uint32) * 1868
+        weighted += 1 << 13
+        weighted >>= 14
+        grey[start : start + _GREY_ROWS_PER_CHUNK] = weighted
     return grey
 
 
@@ -280,8 +286,8 @@ def _phash_of_grey(grey: np.ndarray, box: Sequence[float], resolution: int = PHA
     rows_read, rows_map, _ = _resize_then_dct(crop.shape[0], resolution)
     cols_map = _resize_then_dct(crop.shape[1], resolution)[2]
     # Only the rows the resize reads are gathered (cheap, contiguous); columns are contracted densely,
-    # which costs less than gathering them.
-    block = (rows_map @ crop[rows_read].astype(np.float64)) @ cols_map.T
+    # which costs less than gathering them. A float64 grey image (region_phasher) is not copied again.
+    block = (rows_map @ crop[rows_read].astype(np.float64, copy=False)) @ cols_map.T
     return (block > block.mean()).astype(np.uint8).reshape(-1)
 
 
@@ -296,8 +302,8 @@ def region_phash(
     mean (strict). Only the 8x8 block is computed (``A_y @ crop @ A_x.T``).
 
     Args:
-        image: a PIL image, an ``[H, W, 3]`` RGB uint8 array, or an ``[H, W]`` uint8 grey array (pass the
-            grey image from :func:`rgb_to_grey` to hash many boxes of one image).
+        image: a PIL image, an ``[H, W, 3]`` RGB uint8 array, or an ``[H, W]`` uint8 grey array (to hash
+            many boxes of one image, use :func:`region_phasher`).
         box: ``(x1, y1, x2, y2)``, floats.
 
     Returns:
@@ -307,6 +313,17 @@ def region_phash(
         ValueError: if the box selects no pixel (upstream's OpenCV call would fail there).
     """
     return _phash_of_grey(rgb_to_grey(image), box, resolution)
+
+
+def region_phasher(
+    image: Image.Image | np.ndarray, resolution: int = PHASH_RESOLUTION
+) -> Callable[[Sequence[float]], np.ndarray]:
+    """:func:`region_phash` for many boxes of one image: ``box -> hash``, the grey image made once.
+
+    The grey image is kept in float64, so that no box converts its crop again; the hashes are those
+    of :func:`region_phash`.
+    """
+    return partial(_phash_of_grey, rgb_to_grey(image).astype(np.float64), resolution=resolution)
 
 
 def standard_phash(image: Image.Image | np.ndarray, box: Sequence[float]) -> np.ndarray:
