@@ -2,7 +2,7 @@
 
 Workloads (image prior, 3 views, 224 px; every call gets all the boxes of one image):
 
-* ``coco14x7``: the 14 COCO images of ``shared/data/images``, 7 boxes each: thin (2 px wide),
+* ``coco14x7``: the 14 COCO images of ``tests/fixtures/images``, 7 boxes each: thin (2 px wide),
   sub-pixel (widened to 1 px), touching the border, large, small (12x9 px), the whole image, medium.
 * ``photo640x480_{1,10,50}``: 1, 10 or 50 random boxes on one 640x480 photo.
 
@@ -40,12 +40,12 @@ from _common import RESULTS, ROOT, git_commit, interleaved, machine_description,
 from dynrefer_hf import DynReferImageProcessor
 from dynrefer_hf.image_processing_dynrefer import _thread_count
 
-IMAGES = ROOT.parent / "shared" / "data" / "images"
+IMAGES = ROOT / "tests" / "fixtures" / "images"
 PHOTO = IMAGES / "COCO_val2014_000000000192.jpg"  # 640x480
 
 
 # ================================================================================ upstream, restated
-# Upstream's DynReferProcessor step by step (spec views.md §1-6), written for this benchmark and kept
+# Upstream's DynReferProcessor step by step (docs/upstream/views.md §1-6), written for this benchmark and kept
 # apart from the library: nothing in this section uses dynrefer_hf. The pHash runs on OpenCV as
 # upstream's does (``upstream``), or with OpenCV replaced by its formulas in NumPy (grey conversion,
 # bilinear resize on float32) and SciPy (orthonormal DCT on float32) (``upstream_numpy``, the baseline

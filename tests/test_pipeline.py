@@ -211,7 +211,7 @@ def test_views_of_the_next_chunk_are_built_while_the_model_runs(describe, monkey
 
 
 def test_prefetched_keeps_order_raises_when_due_and_closes_its_source():
-    from dynrefer_hf.pipeline_region_captioning import _prefetched
+    from dynrefer_hf.pipelines.region_captioning import _prefetched
 
     def chunks(log):
         try:
