@@ -318,7 +318,7 @@ def main() -> None:
         RESULTS / "bench_processor.csv",
         rows,
         git_commit(),
-        versions("numpy", "scipy", "torch", "pillow", "threadpoolctl"),
+        versions("numpy", "scipy", "torch", "pillow", "opencv-python-headless", "threadpoolctl"),
         machine_description(threads_note),
     )
 
