@@ -1,9 +1,37 @@
-"""Region datasets: the shared record schema (docs/data.md)."""
+"""Region datasets: the shared record schema (docs/data.md) and loaders for annotation files."""
 
 from .._deprecation import moved_module
+from .coco import load_coco_detection
+from .common import LAYOUTS, AnnotationError
+from .jsonl import load_jsonl_regions
 from .schema import ATTRIBUTE_IGNORE, RegionVocabulary, region_features, validate_region_record
+from .upstream import (
+    coco_class_names,
+    load_upstream_annotations,
+    ram_tag_names,
+    read_annotation_file,
+    segmentation_box,
+    segmentation_rle,
+    upstream_vocabulary,
+)
 
-__all__ = ["ATTRIBUTE_IGNORE", "RegionVocabulary", "region_features", "validate_region_record"]
+__all__ = [
+    "ATTRIBUTE_IGNORE",
+    "LAYOUTS",
+    "AnnotationError",
+    "RegionVocabulary",
+    "coco_class_names",
+    "load_coco_detection",
+    "load_jsonl_regions",
+    "load_upstream_annotations",
+    "ram_tag_names",
+    "read_annotation_file",
+    "region_features",
+    "segmentation_box",
+    "segmentation_rle",
+    "upstream_vocabulary",
+    "validate_region_record",
+]
 
 # The shapes scenes moved to `dynrefer_hf.shapes`.
 __getattr__ = moved_module(__name__, "dynrefer_hf.shapes")

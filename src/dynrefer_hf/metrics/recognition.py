@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.metrics import average_precision_score
 
-__all__ = ["AttributeMAPResult", "attribute_map", "average_precision", "class_accuracy"]
+__all__ = ["AttributeMAPResult", "attribute_map", "class_accuracy"]
 
 
 def _as_2d(name: str, array) -> np.ndarray:
@@ -16,56 +17,46 @@ def _as_2d(name: str, array) -> np.ndarray:
     return array
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Average precision of binary ``labels`` ranked by ``scores`` (both [N]), as scikit-learn defines it.
-
-    AP = sum over the distinct score thresholds (high to low) of (recall step) x precision, equal
-    scores forming one threshold. NaN when there is no positive.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    num_positives = labels.sum()
-    if num_positives == 0:
-        return float("nan")
-    order = np.argsort(-scores, kind="stable")
-    scores, labels = scores[order], labels[order]
-    true_positives = np.cumsum(labels)
-    # The last position of each run of equal scores is one threshold.
-    threshold_ends = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    true_positives = true_positives[threshold_ends]
-    precision = true_positives / (threshold_ends + 1)
-    recall_steps = np.diff(np.r_[0, true_positives]) / num_positives
-    return float(np.sum(recall_steps * precision))
-
-
 @dataclass(frozen=True)
 class AttributeMAPResult:
-    """``map``: mean AP over attributes with a positive; ``per_attribute``: [A] AP, NaN without positives."""
+    """``map``: mean AP over attributes with a positive; ``per_attribute``: [A] AP, NaN without positives;
+    ``groups``: the mean AP of each attribute group asked for (NaN when no attribute of it has a positive)."""
 
     map: float
     per_attribute: np.ndarray
+    groups: dict[str, float] = field(default_factory=dict)
 
 
-def attribute_map(scores, labels) -> AttributeMAPResult:
+def attribute_map(scores, labels, groups=None) -> AttributeMAPResult:
     """OVAD attribute mAP (box oracle) of ``scores`` [N, A] against ``labels`` [N, A] in {1, 0, -1}.
 
-    Per attribute, AP over the regions labelled 0 or 1 (-1 = ignored); attributes without a positive
-    are NaN and left out of the mean (upstream's ``nanmean``). Upstream reports ``map`` x 100.
+    Per attribute, scikit-learn's ``average_precision_score`` over the regions labelled 0 or 1 (-1 =
+    ignored); attributes without a positive are NaN and left out of the mean (upstream's ``nanmean``).
+    ``groups`` (optional, [A] group names, e.g. OVAD's ``freq_set`` head/medium/tail) adds the mean AP of
+    each group. Upstream reports the values x 100 (docs/upstream/evaluation.md §5).
     """
     scores, labels = _as_2d("scores", scores), _as_2d("labels", labels)
     if scores.shape != labels.shape:
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} must have the same shape")
     if not np.isin(labels, (-1, 0, 1)).all():
         raise ValueError("attribute labels must be 1 (positive), 0 (negative) or -1 (ignored)")
-    per_attribute = np.array(
-        [
-            average_precision(scores[labels[:, a] != -1, a], labels[labels[:, a] != -1, a] == 1)
-            for a in range(labels.shape[1])
-        ]
-    )
+    per_attribute = np.full(labels.shape[1], np.nan)
+    for a in range(labels.shape[1]):
+        kept = labels[:, a] != -1
+        positives = labels[kept, a] == 1
+        if positives.any():
+            per_attribute[a] = average_precision_score(positives, scores[kept, a])
     if np.isnan(per_attribute).all():
         raise ValueError("no attribute has a positive label, so attribute mAP is undefined")
-    return AttributeMAPResult(map=float(np.nanmean(per_attribute)), per_attribute=per_attribute)
+    group_maps = {}
+    if groups is not None:
+        groups = list(groups)
+        if len(groups) != labels.shape[1]:
+            raise ValueError(f"groups names {len(groups)} attributes but there are {labels.shape[1]}")
+        for name in dict.fromkeys(groups):
+            values = per_attribute[[g == name for g in groups]]
+            group_maps[name] = float("nan") if np.isnan(values).all() else float(np.nanmean(values))
+    return AttributeMAPResult(map=float(np.nanmean(per_attribute)), per_attribute=per_attribute, groups=group_maps)
 
 
 def class_accuracy(class_scores, class_labels) -> float:

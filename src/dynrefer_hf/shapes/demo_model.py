@@ -266,7 +266,7 @@ On {percentages["num_regions"]} regions of {settings.num_test_images} test scene
 
 | metric | score | chance |
 |---|---|---|
-| caption CIDEr-D (x100, pycocoevalcap definition, simple tokenisation) | {percentages["cider_d"]:.1f} | |
+| caption CIDEr-D (x100, pycocoevalcap: PTB tokeniser, CIDEr-D) | {percentages["cider_d"]:.1f} | |
 | attribute mAP (x100, OVAD protocol) | {percentages["attribute_map"]:.1f} | about 21 (constant scores give the positive rate) |
 | class accuracy (%) | {percentages["class_accuracy"]:.1f} | 16.7 |
 
