@@ -24,16 +24,42 @@ def register(subparsers) -> None:
             "and print its boxes as --box arguments for `dynrefer caption`, with the reference captions."
         ),
     )
-    parser.add_argument("output", metavar="OUT.png", help="where to write the scene")
+    parser.add_argument("output", metavar="OUT.png", nargs="?", help="where to write the scene")
     parser.add_argument("--index", type=int, default=0, help="which test scene (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="scene generator seed (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the boxes and captions as JSON")
+    upstream = parser.add_argument_group("benchmark files (for `dynrefer eval`)")
+    upstream.add_argument(
+        "--upstream",
+        metavar="DIR",
+        help="instead of one scene, write --count test scenes as an upstream annotation file DIR/annotations.json "
+        "with DIR/images (docs/evaluation.md)",
+    )
+    upstream.add_argument("--count", type=int, default=16, help="scenes for --upstream (default: %(default)s)")
+    upstream.add_argument(
+        "--region-per-image",
+        action="store_true",
+        help="--upstream: one image record per region, the layout of region-captioning files (refcocog, vg-reg)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..shapes import shapes_split
+    from ..shapes import export_shapes_upstream, shapes_split
 
+    if args.upstream:
+        if args.count < 1:
+            raise CommandError(f"--count must be >= 1, got {args.count}")
+        try:
+            path = export_shapes_upstream(
+                args.upstream, args.count, seed=args.seed, one_region_per_image=args.region_per_image
+            )
+        except OSError as error:
+            raise CommandError(f"cannot write to {args.upstream}: {error}") from None
+        print(f"wrote {path} ({args.count} scenes, images in {args.upstream}/images)")
+        return 0
+    if args.output is None:
+        raise CommandError("give OUT.png (one scene) or --upstream DIR (benchmark files)")
     if args.index < 0:
         raise CommandError(f"--index must be >= 0, got {args.index}")
     record = shapes_split("test", 1, seed=args.seed, start=args.index)[0]

@@ -6,6 +6,7 @@ from .common import LAYOUTS, AnnotationError
 from .jsonl import load_jsonl_regions
 from .schema import ATTRIBUTE_IGNORE, RegionVocabulary, region_features, validate_region_record
 from .upstream import (
+    FREQUENCY_SETS,
     coco_class_names,
     load_upstream_annotations,
     ram_tag_names,
@@ -13,10 +14,12 @@ from .upstream import (
     segmentation_box,
     segmentation_rle,
     upstream_vocabulary,
+    write_upstream_annotations,
 )
 
 __all__ = [
     "ATTRIBUTE_IGNORE",
+    "FREQUENCY_SETS",
     "LAYOUTS",
     "AnnotationError",
     "RegionVocabulary",
@@ -31,6 +34,7 @@ __all__ = [
     "segmentation_rle",
     "upstream_vocabulary",
     "validate_region_record",
+    "write_upstream_annotations",
 ]
 
 # The shapes scenes moved to `dynrefer_hf.shapes`.

@@ -8,6 +8,7 @@ text) and ``tags`` (a list of words). Problems raise `AnnotationError` naming fi
 
 from __future__ import annotations
 
+import json
 import os
 
 from .common import LAYOUTS, AnnotationError, build_region_dataset, check_box, file_signature, loader_features
@@ -86,8 +87,6 @@ def load_coco_detection(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     signature = file_signature(path)
-    import json
-
     with open(signature["path"], encoding="utf-8") as file:
         try:
             content = json.load(file)

@@ -134,6 +134,6 @@ def load_jsonl_regions(
         **signature,
         "images": os.path.abspath(os.fspath(images)) if images is not None else os.path.dirname(signature["path"]),
         "layout": layout,
-        "class_names": list(class_names),
+        "class_names": tuple(class_names),  # a list would be split into shards
     }
     return build_region_dataset(_jsonl_records, gen_kwargs, loader_features(vocabulary), cache_dir)

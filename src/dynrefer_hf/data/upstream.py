@@ -19,6 +19,8 @@ A missing image, a box outside its image, an unknown tag index or category, a ma
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from functools import lru_cache
@@ -31,6 +33,7 @@ from .common import LAYOUTS, AnnotationError, build_region_dataset, check_box, f
 from .schema import RegionVocabulary
 
 __all__ = [
+    "FREQUENCY_SETS",
     "coco_class_names",
     "load_upstream_annotations",
     "ram_tag_names",
@@ -38,7 +41,11 @@ __all__ = [
     "segmentation_box",
     "segmentation_rle",
     "upstream_vocabulary",
+    "write_upstream_annotations",
 ]
+
+# OVAD's attribute frequency groups (the ``freq_set`` of every entry of ``attrs``).
+FREQUENCY_SETS = ("head", "medium", "tail")
 
 
 @lru_cache(maxsize=1)
@@ -90,7 +97,8 @@ def read_annotation_file(path: str | os.PathLike):
             )
     coco = COCO()
     coco.dataset = content
-    coco.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints its progress
+        coco.createIndex()
     return coco
 
 
@@ -167,8 +175,9 @@ def upstream_vocabulary(path: str | os.PathLike) -> RegionVocabulary:
     return _vocabulary(read_annotation_file(path).dataset, path)
 
 
-def _vocabulary(content: dict, path) -> RegionVocabulary:
-    return RegionVocabulary(coco_class_names(), _attribute_names(content, path), ram_tag_names())
+def _vocabulary(content: dict, path, class_names=None) -> RegionVocabulary:
+    classes = coco_class_names() if class_names is None else tuple(class_names)
+    return RegionVocabulary(classes, _attribute_names(content, path), ram_tag_names())
 
 
 def _region_fields(annotation: dict, image: dict, path, vocabulary: RegionVocabulary, class_index: dict, masks: bool):
@@ -203,7 +212,8 @@ def _region_fields(annotation: dict, image: dict, path, vocabulary: RegionVocabu
         category = (extra["coco_result"] or {}).get("category")
         if category not in class_index:
             raise AnnotationError(
-                path, record, "extra_info.coco_result.category", f"{category!r} is not one of the 80 COCO class names"
+                path, record, "extra_info.coco_result.category",
+                f"{category!r} is not one of the {len(class_index)} class names ({', '.join(list(class_index)[:5])}, ...)",
             )
         label = class_index[category]
     attributes: list[int] = []
@@ -229,9 +239,9 @@ def _region_fields(annotation: dict, image: dict, path, vocabulary: RegionVocabu
     return fields
 
 
-def _upstream_records(path, size, mtime_ns, images, layout, masks):  # size, mtime_ns: cache key only
+def _upstream_records(path, size, mtime_ns, images, layout, masks, class_names):  # size, mtime_ns: cache key
     coco = read_annotation_file(path)
-    vocabulary = _vocabulary(coco.dataset, path)
+    vocabulary = _vocabulary(coco.dataset, path, class_names)
     class_index = {name: index for index, name in enumerate(vocabulary.classes)}
     image_root = images if images is not None else (coco.dataset.get("dataset") or {}).get("image_root")
     if image_root is None:
@@ -272,6 +282,7 @@ def load_upstream_annotations(
     *,
     layout: str = "image",
     masks: bool = False,
+    class_names=None,
     cache_dir: str | None = None,
 ):
     """An upstream annotation file as a ``datasets.Dataset`` (see the module docstring).
@@ -283,21 +294,103 @@ def load_upstream_annotations(
             annotations give records without regions) or ``"region"`` (one record per annotation, for
             training: upstream's ``obj_lvl``).
         masks: add ``masks``, every region as a compressed COCO RLE (decode with ``pycocotools.mask.decode``).
+        class_names: the names ``coco_result.category`` may take, in class-index order (default: the 80 COCO
+            names, as upstream; a model's ``config.class_names`` to evaluate it on its own classes).
         cache_dir: the ``datasets`` cache folder (default: ``datasets``' own). A second call with the same file
             (path, size, modification time) and options reads the cache instead of the JSON.
 
-    The class names are the 80 COCO names (``coco_result``, also in ``dataset.features``), the attribute names
+    The class names are ``class_names`` (``coco_result``, also in ``dataset.features``), the attribute names
     the file's ``attrs`` and the tags the RAM list: ``upstream_vocabulary(path)``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     signature = file_signature(path)
     # attribute names do not enter the features (rows of int8 labels): no need to read the file here
-    vocabulary = RegionVocabulary(coco_class_names(), (), ram_tag_names())
+    vocabulary = RegionVocabulary(coco_class_names() if class_names is None else tuple(class_names), (), ram_tag_names())
     gen_kwargs = {
         **signature,
         "images": None if images is None else os.path.abspath(os.fspath(images)),
         "layout": layout,
         "masks": masks,
+        "class_names": None if class_names is None else tuple(class_names),  # a list would be split into shards
     }
     return build_region_dataset(_upstream_records, gen_kwargs, loader_features(vocabulary, masks), cache_dir)
+
+
+def _frequency_sets(attribute_rows: list[list[int]], num_attributes: int) -> list[str]:
+    """head / medium / tail by number of positives: the most frequent third is head, the next medium."""
+    positives = np.zeros(num_attributes, dtype=np.int64)
+    for row in attribute_rows:
+        if row:
+            positives += np.asarray(row) == 1
+    order = np.argsort(-positives, kind="stable")
+    sets = [""] * num_attributes
+    for rank, attribute in enumerate(order):
+        sets[attribute] = FREQUENCY_SETS[min(2, rank * 3 // max(num_attributes, 1))]
+    return sets
+
+
+def write_upstream_annotations(
+    dataset,
+    vocabulary: RegionVocabulary,
+    path: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    *,
+    one_region_per_image: bool = False,
+    tags: bool = True,
+) -> dict:
+    """Write a region-schema ``dataset`` as an upstream annotation file (docs/upstream/evaluation.md §2).
+
+    Images go to ``image_dir`` as PNG files (``dataset.image_root`` of the file); every region becomes an
+    annotation whose ``segmentation`` is its box as a rectangle polygon (so the loaders give the same box back),
+    with ``caption``, ``bbox`` (x1, y1, x2, y2, as upstream's files), ``tag_set1`` (indices into the RAM list;
+    a tag outside it is an error; ``tags=False`` writes none), ``coco_result.category`` (the class name) and ``ovad_result.att_vec``
+    (with ``attrs`` named by ``vocabulary.attributes``, grouped head / medium / tail by number of positives).
+    ``one_region_per_image`` gives each region its own image record repeating the file name, the layout of
+    upstream's region-captioning files (RefCOCOg, VG). Returns the written JSON content.
+    """
+    os.makedirs(image_dir, exist_ok=True)
+    tag_index = {name: index for index, name in enumerate(ram_tag_names())}
+    content = {"dataset": {"image_root": os.path.abspath(os.fspath(image_dir))}, "images": [], "annotations": []}
+    all_attribute_rows = []
+    for row, record in enumerate(dataset):
+        file_name = f"{record['image_id']:06d}.png"
+        record["image"].convert("RGB").save(os.path.join(image_dir, file_name))
+        width, height = record["image"].size
+        image_id = len(content["images"]) + 1
+        for region, box in enumerate(record["boxes"]):
+            if one_region_per_image or region == 0:
+                image_id = len(content["images"]) + 1
+                content["images"].append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+            x1, y1, x2, y2 = (float(v) for v in box)
+            extra = {}
+            if tags:
+                unknown = [tag for tag in record["tags"][region] if tag not in tag_index]
+                if unknown:
+                    raise ValueError(f"record {row}, region {region}: tags {unknown} are not RAM tags (use tags=False)")
+                extra["parser_result"] = {"tag_set1": [tag_index[t] for t in record["tags"][region]], "tag_set2": []}
+            label = record["classes"][region]
+            if label != -1:
+                extra["coco_result"] = {"category": vocabulary.classes[label]}
+            if record["attributes"][region]:
+                extra["ovad_result"] = {"att_vec": [int(v) for v in record["attributes"][region]]}
+                all_attribute_rows.append(list(record["attributes"][region]))
+            content["annotations"].append(
+                {
+                    "id": len(content["annotations"]) + 1,
+                    "image_id": image_id,
+                    "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
+                    "bbox": [x1, y1, x2, y2],
+                    "caption": record["captions"][region],
+                    "extra_info": extra,
+                }
+            )
+    if all_attribute_rows:
+        sets = _frequency_sets(all_attribute_rows, len(vocabulary.attributes))
+        content["attrs"] = [
+            {"id": i, "name": name, "type": name.split(":")[0], "parent_type": name.split(":")[0], "freq_set": sets[i]}
+            for i, name in enumerate(vocabulary.attributes)
+        ]
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(content, file)
+    return content

@@ -45,14 +45,18 @@ def predict_regions(
     view_selection: str | Sequence[float] | None = None,
     task: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    region_batch_size: int | None = None,
     **generate_kwargs,
 ) -> list[dict]:
     """`model.describe_regions` for every region of every record of ``dataset`` (region schema), in order.
 
     Views follow ``view_selection`` / ``task`` (default: the image processor's own setting, the image prior);
     generation uses ``model.generation_config`` unless ``generate_kwargs`` override it. ``progress(done,
-    total)`` is called after every batch of images.
+    total)`` is called after every batch of images. ``region_batch_size`` bounds the regions per forward pass
+    (upstream: 20, docs/upstream/model.md §16; default: all regions of the batch of images at once).
     """
+    if region_batch_size is not None and region_batch_size < 1:
+        raise ValueError(f"region_batch_size must be a positive number of regions, got {region_batch_size}")
     model.eval()
     device = model.device
     predictions: list[dict] = []
@@ -62,14 +66,17 @@ def predict_regions(
         views = processor.image_processor(
             records["image"], boxes=records["boxes"], view_selection=view_selection, task=task
         )
-        predictions.extend(
-            model.describe_regions(
-                views["pixel_values"].to(device, model.dtype),
-                views["view_boxes"].to(device),
-                processor.tokenizer,
-                **generate_kwargs,
+        num_regions = len(views["pixel_values"])
+        step = region_batch_size or max(num_regions, 1)
+        for first in range(0, num_regions, step):
+            predictions.extend(
+                model.describe_regions(
+                    views["pixel_values"][first : first + step].to(device, model.dtype),
+                    views["view_boxes"][first : first + step].to(device),
+                    processor.tokenizer,
+                    **generate_kwargs,
+                )
             )
-        )
         if progress is not None:
             progress(min(start + batch_images, total), total)
     return predictions

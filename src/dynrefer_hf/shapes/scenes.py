@@ -28,6 +28,7 @@ __all__ = [
     "ShapeObject",
     "ShapesScene",
     "build_shapes_dataset",
+    "export_shapes_upstream",
     "generate_scene",
     "scene_record",
     "shapes_split",
@@ -292,3 +293,27 @@ def build_shapes_dataset(
     """The shapes dataset with train / validation / test splits (independent scenes per split)."""
     sizes = {"train": num_train, "validation": num_validation, "test": num_test}
     return DatasetDict({split: shapes_split(split, size, seed) for split, size in sizes.items()})
+
+
+def export_shapes_upstream(
+    output_dir, num_images: int, seed: int = 0, split: str = "test", one_region_per_image: bool = False
+) -> str:
+    """Write ``num_images`` shapes scenes of ``split`` as an upstream annotation file ``output_dir/annotations.json``
+    with the images in ``output_dir/images`` (`dynrefer_hf.data.write_upstream_annotations`; no tags, since the
+    shapes words are not all RAM tags). ``one_region_per_image``: the region-captioning layout (RefCOCOg, VG).
+    Returns the annotation file's path."""
+    import os
+
+    from ..data.upstream import write_upstream_annotations
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "annotations.json")
+    write_upstream_annotations(
+        shapes_split(split, num_images, seed=seed),
+        SHAPES_VOCABULARY,
+        path,
+        os.path.join(output_dir, "images"),
+        one_region_per_image=one_region_per_image,
+        tags=False,
+    )
+    return path

@@ -1,0 +1,176 @@
+"""``dynrefer eval``: the paper's benchmarks on upstream annotation files, or re-scoring a result file.
+
+    dynrefer eval --task refcocog --annotations refcocog_val.json --images coco/train2014 --model M --output out/
+    torchrun --nproc_per_node 8 -m dynrefer_hf.cli eval --task vg-densecap ...   # regions split over processes
+    dynrefer eval --task refcocog --rescore out/result.json --annotations refcocog_val.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from .errors import CommandError
+
+__all__ = ["register"]
+
+
+def _threshold(text: str):
+    if text == "model":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number in [0, 1] nor 'model'") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1]")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def register(subparsers) -> None:
+    from ..evaluation import BENCHMARK_TASKS
+
+    tasks = "; ".join(f"{name}: {task.description}" for name, task in BENCHMARK_TASKS.items())
+    parser = subparsers.add_parser(
+        "eval",
+        help="run a benchmark of the paper on an upstream annotation file, or re-score a result file",
+        description=(
+            "Predict every region of an upstream DynRefer annotation file with the task's settings and score it "
+            f"with the task's protocol (docs/evaluation.md). Tasks: {tasks}."
+        ),
+    )
+    parser.add_argument("--task", required=True, choices=sorted(BENCHMARK_TASKS))
+    parser.add_argument("--annotations", required=True, metavar="FILE", help="the ground-truth annotation file")
+    parser.add_argument("--images", metavar="DIR", help="image folder (default: the file's dataset.image_root)")
+    parser.add_argument("--model", help="model folder or Hub id (default: the embedded demonstration model)")
+    parser.add_argument("--output", metavar="DIR", help="where result.json and metrics.json go (required to predict)")
+    parser.add_argument("--rescore", metavar="RESULT.json", help="score this result file instead of predicting")
+    parser.add_argument("--limit", type=_positive, metavar="N", help="only the first N images of the file")
+    parser.add_argument(
+        "--tag-threshold",
+        type=_threshold,
+        help="tag threshold: a number, or 'model' for the model's own (default: the task's upstream setting, "
+        "0.76 refcocog, 0.8 vg-reg, else the model's)",
+    )
+    parser.add_argument("--batch-images", type=_positive, default=8, help="images per batch (default: %(default)s)")
+    parser.add_argument(
+        "--region-batch-size", type=_positive, default=20, help="regions per forward pass (default: %(default)s)"
+    )
+    parser.add_argument("--restart", action="store_true", help="ignore predictions of an earlier run in --output")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available; under torchrun: the local rank's GPU)")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def _rescore(args) -> int:
+    from ..evaluation import ResultFileError, rescore_result_file
+    from ..metrics import JavaNotFoundError
+
+    class_names = None
+    if args.model:
+        from .common import load_config
+
+        class_names = list(load_config(args.model).class_names)
+    try:
+        metrics = rescore_result_file(args.task, args.rescore, args.annotations, class_names=class_names)
+    except (FileNotFoundError, ResultFileError, JavaNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    _print(args, metrics)
+    return 0
+
+
+def _print(args, metrics: dict, table: str | None = None) -> None:
+    from ..evaluation import format_metrics_table
+
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(table or format_metrics_table(args.task, metrics))
+
+
+def _load(model_name: str | None, device: str | None):
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    from ..pipelines.region_captioning import DEFAULT_MODEL
+    from .common import load_config
+
+    name = model_name or DEFAULT_MODEL[0]
+    load_config(name)
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device is None:
+        device = f"cuda:{local_rank or 0}" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    try:
+        model = AutoModel.from_pretrained(name).to(device)
+        processor = AutoProcessor.from_pretrained(name)
+    except OSError as error:
+        raise CommandError(f"cannot load the model {name}: {error}") from None
+    return model, processor
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import AnnotationError
+    from ..evaluation import ResultFileError
+    from ..evaluation import run_benchmark as _run_benchmark
+    from ..metrics import JavaNotFoundError
+
+    if not os.path.isfile(args.annotations):
+        raise CommandError(f"--annotations {args.annotations}: file not found")
+    if args.rescore:
+        if not os.path.isfile(args.rescore):
+            raise CommandError(f"--rescore {args.rescore}: file not found")
+        return _rescore(args)
+    if not args.output:
+        raise CommandError("--output DIR is required to run a model (or give --rescore RESULT.json)")
+    if args.images and not os.path.isdir(args.images):
+        raise CommandError(f"--images {args.images}: not a folder")
+    model, processor = _load(args.model, args.device)
+    threshold = args.tag_threshold
+    if threshold == "model":
+        threshold = model.config.tag_threshold
+    try:
+        outcome = _run_benchmark(
+            model,
+            processor,
+            args.task,
+            args.annotations,
+            args.output,
+            args.images,
+            limit=args.limit,
+            batch_images=args.batch_images,
+            region_batch_size=args.region_batch_size,
+            tag_threshold=threshold,
+            resume=not args.restart,
+        )
+    except (AnnotationError, ResultFileError, JavaNotFoundError, FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    finally:
+        import torch.distributed as dist
+
+        # an explicit teardown: gloo can abort in its destructor at interpreter exit
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if outcome.result_file is None:  # not process 0
+        return 0
+    _print(args, outcome.metrics, outcome.table)
+    if not args.json:
+        resumed = outcome.num_resumed
+        speed = f"{outcome.regions_per_second:.1f} regions/s" if outcome.num_predicted else "nothing left to predict"
+        print(
+            f"{outcome.num_regions} regions ({resumed} from an earlier run); {speed}; "
+            f"wrote {outcome.result_file} and {outcome.metrics_file}"
+        )
+    return 0

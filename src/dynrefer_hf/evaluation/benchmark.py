@@ -1,0 +1,283 @@
+"""Run a DynRefer model over an upstream benchmark file and score it (``dynrefer eval``; docs/evaluation.md).
+
+`run_benchmark` predicts every region of the ground-truth file with the task's settings, writes upstream's
+result file (the ground truth with ``extra_info.pred_result`` per annotation, so upstream's own scripts can
+re-score it), ``metrics.json`` and a short table. Work is split into fixed batches of images; under
+``torchrun`` / ``accelerate launch`` process r takes batches r, r + W, ... and writes its predictions to
+``partial/rank<r>.jsonl`` as it goes. Process 0 merges them by annotation id. Because a batch is computed
+the same way whichever process runs it, the metrics equal a one-process run exactly; because finished
+batches are on disk, an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..data.upstream import load_upstream_annotations
+from .protocols import BENCHMARK_TASKS, format_metrics_table, score_result
+from .regions import predict_regions
+
+__all__ = ["BenchmarkRun", "rescore_result_file", "run_benchmark"]
+
+# upstream predicts regions in chunks of 20 (split_size, docs/upstream/model.md §16)
+REGION_BATCH_SIZE = 20
+
+
+@dataclass
+class BenchmarkRun:
+    """What `run_benchmark` produced (on process 0; other processes get ``metrics`` = {}).
+
+    ``num_regions``: regions evaluated; ``num_resumed``: of those, predicted by an earlier run (partial results);
+    ``num_predicted``: regions this process predicted; ``regions_per_second``: this process's prediction speed."""
+
+    task: str
+    metrics: dict
+    result_file: str | None
+    metrics_file: str | None
+    num_regions: int
+    num_resumed: int
+    num_predicted: int
+    seconds: float
+    regions_per_second: float
+    table: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), starting the process group from torchrun / accelerate variables when needed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _pred_result(prediction: dict) -> dict:
+    """Upstream's ``pred_result`` of one region (docs/upstream/model.md §16: both tag sets hold the same list)."""
+    return {
+        "caption": prediction["caption"],
+        "score": float(prediction["score"]),
+        "tag_set1": list(prediction["tags"]),
+        "tag_set2": list(prediction["tags"]),
+        "attr": [float(v) for v in prediction["attribute_scores"]],
+        "cls": [float(v) for v in prediction["class_scores"]],
+    }
+
+
+def _read_partials(partial_dir: str) -> dict:
+    """annotation id -> pred_result from every ``rank*.jsonl`` (a torn last line of a killed run is ignored)."""
+    done = {}
+    for path in sorted(glob.glob(os.path.join(partial_dir, "rank*.jsonl"))):
+        with open(path, encoding="utf-8") as file:
+            for line in file:
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                done[item["id"]] = item["pred_result"]
+    return done
+
+
+def run_benchmark(
+    model,
+    processor,
+    task: str,
+    annotations: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    *,
+    limit: int | None = None,
+    batch_images: int = 8,
+    region_batch_size: int = REGION_BATCH_SIZE,
+    tag_threshold: float | None = None,
+    view_selection: str = "image_prior",
+    resume: bool = True,
+    progress: bool = True,
+    cache_dir: str | None = None,
+) -> BenchmarkRun:
+    """Evaluate ``model`` on ``task`` (one of `BENCHMARK_TASKS`) over the upstream file ``annotations``.
+
+    Args:
+        images: the image folder (default: the file's ``dataset.image_root``).
+        limit: evaluate only the first ``limit`` images of the file (a quick look; scored on those alone).
+        batch_images: images per batch (the unit split over processes and resumed).
+        region_batch_size: regions per forward pass (upstream: 20).
+        tag_threshold: default: the task's (upstream eval config), else the model's ``config.tag_threshold``.
+        view_selection: how views are chosen (upstream evaluates with the 3-view image prior).
+        resume: reuse the predictions in ``output_dir/partial`` of an earlier, interrupted run.
+    Writes ``output_dir/result.json``, ``output_dir/metrics.json`` (and ``partial/``) on process 0.
+    """
+    if task not in BENCHMARK_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(BENCHMARK_TASKS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images, got {limit}")
+    if batch_images < 1:
+        raise ValueError(f"batch_images must be positive, got {batch_images}")
+    settings = BENCHMARK_TASKS[task]
+    if tag_threshold is None:
+        tag_threshold = settings.tag_threshold
+    rank, world = _distributed()
+    output_dir = os.fspath(output_dir)
+    partial_dir = os.path.join(output_dir, "partial")
+    # what the partial predictions depend on: resuming with other settings would mix two runs
+    signature = {
+        "task": task,
+        "annotations": os.path.abspath(os.fspath(annotations)),
+        "tag_threshold": tag_threshold,
+        "view_selection": view_selection,
+        "batch_images": batch_images,
+        "region_batch_size": region_batch_size,
+        "model": getattr(model.config, "_name_or_path", ""),
+    }
+    signature_file = os.path.join(partial_dir, "run.json")
+    if rank == 0:
+        os.makedirs(partial_dir, exist_ok=True)
+        if resume and os.path.isfile(signature_file):
+            with open(signature_file, encoding="utf-8") as file:
+                earlier = json.load(file)
+            if earlier != signature:
+                changed = sorted(key for key in signature if earlier.get(key) != signature[key])
+                raise ValueError(
+                    f"{output_dir} holds predictions of a run with other settings ({', '.join(changed)}); "
+                    "restart it (resume=False, --restart) or use another output folder"
+                )
+        if not resume:
+            for path in glob.glob(os.path.join(partial_dir, "rank*.jsonl")):
+                os.remove(path)
+        with open(signature_file, "w", encoding="utf-8") as file:
+            json.dump(signature, file, indent=2)
+    class_names = list(model.config.class_names)
+    # process 0 builds the datasets cache, the others read it
+    if rank == 0:
+        dataset = load_upstream_annotations(annotations, images, class_names=class_names, cache_dir=cache_dir)
+    _barrier(world)
+    if rank != 0:
+        dataset = load_upstream_annotations(annotations, images, class_names=class_names, cache_dir=cache_dir)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    annotation_ids = dataset["annotation_ids"]
+    with_regions = [index for index, ids in enumerate(annotation_ids) if ids]
+    batches = [with_regions[i : i + batch_images] for i in range(0, len(with_regions), batch_images)]
+    done = _read_partials(partial_dir) if resume else {}
+    finished = [all(i in done for index in batch for i in annotation_ids[index]) for batch in batches]
+    num_resumed = sum(len(annotation_ids[index]) for batch, f in zip(batches, finished) if f for index in batch)
+    mine = [batch for number, batch in enumerate(batches) if number % world == rank and not finished[number]]
+    total = sum(len(annotation_ids[index]) for batch in mine for index in batch)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="region", desc=f"dynrefer eval {task}", dynamic_ncols=True)
+    generate = {} if tag_threshold is None else {"tag_threshold": tag_threshold}
+    started = time.perf_counter()
+    with open(os.path.join(partial_dir, f"rank{rank}.jsonl"), "a", encoding="utf-8") as partial:
+        for batch in mine:
+            predictions = predict_regions(
+                model,
+                processor,
+                dataset.select(batch),
+                batch_images=len(batch),
+                view_selection=view_selection,
+                region_batch_size=region_batch_size,
+                **generate,
+            )
+            ids = [i for index in batch for i in annotation_ids[index]]
+            partial.write("".join(json.dumps({"id": i, "pred_result": _pred_result(p)}) + "\n" for i, p in zip(ids, predictions)))
+            partial.flush()
+            if bar is not None:
+                bar.update(len(ids))
+    seconds = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
+    _barrier(world)
+    if rank != 0:
+        return BenchmarkRun(task, {}, None, None, 0, num_resumed, total, seconds, total / seconds if seconds and total else 0.0)
+
+    predicted = _read_partials(partial_dir)
+    with open(annotations, encoding="utf-8") as file:
+        gt = json.load(file)
+    result = copy.deepcopy(gt)
+    for annotation in result["annotations"]:
+        if annotation["id"] in predicted:
+            annotation.setdefault("extra_info", {})["pred_result"] = predicted[annotation["id"]]
+    result_file = os.path.join(output_dir, "result.json")
+    with open(result_file, "w", encoding="utf-8") as file:
+        json.dump(result, file)
+    evaluated = [i for ids in annotation_ids for i in ids]
+    metrics = score_result(
+        task,
+        result,
+        gt,
+        result_name=result_file,
+        gt_name=os.fspath(annotations),
+        class_names=class_names,
+        annotation_ids=evaluated if limit is not None else None,
+    )
+    run = BenchmarkRun(
+        task=task,
+        metrics=metrics,
+        result_file=result_file,
+        metrics_file=os.path.join(output_dir, "metrics.json"),
+        num_regions=len(evaluated),
+        num_resumed=num_resumed,
+        num_predicted=total,
+        seconds=seconds,
+        regions_per_second=total / seconds if seconds and total else 0.0,
+        table=format_metrics_table(task, metrics),
+    )
+    settings_used = {
+        "task": task,
+        "annotations": os.path.abspath(os.fspath(annotations)),
+        "limit": limit,
+        "tag_threshold": tag_threshold if tag_threshold is not None else model.config.tag_threshold,
+        "view_selection": view_selection,
+        "batch_images": batch_images,
+        "region_batch_size": region_batch_size,
+        "generation": model.generation_config.to_diff_dict(),
+        "processes": world,
+    }
+    with open(run.metrics_file, "w", encoding="utf-8") as file:
+        json.dump({"metrics": metrics, "settings": settings_used}, file, indent=2)
+    return run
+
+
+def rescore_result_file(
+    task: str,
+    result_file: str | os.PathLike,
+    annotations: str | os.PathLike,
+    class_names=None,
+) -> dict:
+    """Score an existing upstream-format result file (this library's or upstream's own) against ``annotations``."""
+    contents = []
+    for path in (result_file, annotations):
+        try:
+            with open(path, encoding="utf-8") as file:
+                contents.append(json.load(file))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"file not found: {path}") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error})") from None
+    return score_result(
+        task,
+        contents[0],
+        contents[1],
+        result_name=os.fspath(result_file),
+        gt_name=os.fspath(annotations),
+        class_names=class_names,
+    )
