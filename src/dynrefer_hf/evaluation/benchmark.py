@@ -186,7 +186,15 @@ def run_benchmark(
         bar = tqdm(total=total, unit="region", desc=f"dynrefer eval {task}", dynamic_ncols=True)
     generate = {} if tag_threshold is None else {"tag_threshold": tag_threshold}
     started = time.perf_counter()
-    with open(os.path.join(partial_dir, f"rank{rank}.jsonl"), "a", encoding="utf-8") as partial:
+    partial_path = os.path.join(partial_dir, f"rank{rank}.jsonl")
+    torn = os.path.isfile(partial_path) and os.path.getsize(partial_path) > 0
+    if torn:
+        with open(partial_path, "rb") as file:
+            file.seek(-1, os.SEEK_END)
+            torn = file.read(1) != b"\n"
+    with open(partial_path, "a", encoding="utf-8") as partial:
+        if torn:  # a killed run's half-written line stays a line of its own (and is ignored)
+            partial.write("\n")
         for batch in mine:
             predictions = predict_regions(
                 model,

@@ -1,0 +1,170 @@
+"""`dynrefer eval` end to end with the embedded demonstration model on shapes scenes exported to upstream's format:
+the result file, the metrics against `evaluate_regions`, re-scoring, resuming, two processes (gloo), errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModel, AutoProcessor
+
+import dynrefer_hf  # noqa: F401  (registers the Auto classes)
+from dynrefer_hf.cli import main
+from dynrefer_hf.data import load_upstream_annotations
+from dynrefer_hf.evaluation import evaluate_regions
+from dynrefer_hf.pretrained import SHAPES_DEMO_PATH
+from dynrefer_hf.shapes import export_shapes_upstream
+
+NUM_SCENES = 3  # 3 scenes: 16 regions
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapes_upstream")
+    return {
+        "regions": export_shapes_upstream(folder / "regions", NUM_SCENES, one_region_per_image=True),
+        "images": export_shapes_upstream(folder / "images", NUM_SCENES),
+    }
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return AutoModel.from_pretrained(SHAPES_DEMO_PATH), AutoProcessor.from_pretrained(SHAPES_DEMO_PATH)
+
+
+def _eval(capsys, *arguments):
+    code = main(["eval", *arguments])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_refcocog_protocol_end_to_end_equals_evaluate_regions(exported, demo, tmp_path, capsys):
+    output = tmp_path / "refcocog"
+    code, out, err = _eval(
+        capsys, "--task", "refcocog", "--annotations", exported["regions"], "--output", str(output),
+        "--tag-threshold", "model",
+    )
+    assert code == 0, err
+    assert "| refcocog |" in out and "regions/s" in out
+    metrics = json.loads((output / "metrics.json").read_text())["metrics"]
+    assert set(metrics) >= {"METEOR", "CIDEr", "Bleu_4", "ROUGE_L"} and metrics["agg_metrics"] == metrics["METEOR"]
+
+    # upstream's result file: the ground truth plus pred_result on every annotation
+    gt = json.loads(open(exported["regions"]).read())
+    result = json.loads((output / "result.json").read_text())
+    assert [a["id"] for a in result["annotations"]] == [a["id"] for a in gt["annotations"]]
+    prediction = result["annotations"][0]["extra_info"]["pred_result"]
+    model, processor = demo
+    assert set(prediction) == {"caption", "score", "tag_set1", "tag_set2", "attr", "cls"}
+    assert len(prediction["attr"]) == model.config.num_attributes and len(prediction["cls"]) == model.config.num_classes
+
+    # the same regions through evaluate_regions (one region per record, same batches and views)
+    regions = load_upstream_annotations(exported["regions"], class_names=model.config.class_names)
+    reference = evaluate_regions(
+        model, processor, regions, batch_images=8, region_batch_size=20, view_selection="image_prior"
+    )
+    assert metrics["CIDEr"] == pytest.approx(reference.percentages()["cider_d"], rel=1e-12)
+    assert [a["extra_info"]["pred_result"]["caption"] for a in result["annotations"]] == [
+        p["caption"] for p in reference.predictions
+    ]
+
+
+def test_dense_captioning_and_region_captioning_layouts(exported, tmp_path, capsys):
+    code, out, err = _eval(
+        capsys, "--task", "vg-densecap", "--annotations", exported["images"], "--output", str(tmp_path / "dense"),
+        "--limit", "2",
+    )
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "dense" / "metrics.json").read_text())["metrics"]
+    # ground-truth boxes in, so detection is perfect; captions are mostly right
+    assert metrics["detmap"] == 100.0 and 50 < metrics["map"] <= 100 and metrics["num_images"] == 2
+    # several regions per image id: the region-captioning protocol refuses it in one line
+    code, out, err = _eval(capsys, "--task", "refcocog", "--rescore", str(tmp_path / "dense" / "result.json"),
+                           "--annotations", exported["images"])
+    assert code == 2 and "exactly one annotation per image id" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def ovad_one_process(exported, tmp_path_factory):
+    """One process with one thread, as each process of the two-process run (OMP_NUM_THREADS=1): the same
+    batches on the same number of threads give bit-identical predictions."""
+    import torch
+
+    output = tmp_path_factory.mktemp("ovad_one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["eval", "--task", "ovad", "--annotations", exported["images"], "--output", str(output),
+                     "--batch-images", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return output
+
+
+def test_rescore_and_resume(exported, ovad_one_process, tmp_path, capsys):
+    metrics = json.loads((ovad_one_process / "metrics.json").read_text())["metrics"]
+    assert 0 < metrics["ap/all"] <= 100 and {"ap/head", "ap/medium", "ap/tail"} <= set(metrics)
+    code, out, err = _eval(capsys, "--task", "ovad", "--rescore", str(ovad_one_process / "result.json"),
+                           "--annotations", exported["images"], "--json")
+    assert code == 0, err
+    assert json.loads(out) == metrics
+
+    # an interrupted run: the last scene's predictions are lost (plus a torn line); the rerun redoes only those
+    partial = ovad_one_process / "partial" / "rank0.jsonl"
+    lines = partial.read_text().splitlines(keepends=True)
+    annotations = json.loads(open(exported["images"]).read())["annotations"]
+    last_scene = sum(1 for a in annotations if a["image_id"] == NUM_SCENES)  # one batch per image
+    partial.write_text("".join(lines[:-last_scene]) + '{"id": 3, "pred')
+    code, out, err = _eval(capsys, "--task", "ovad", "--annotations", exported["images"], "--output",
+                           str(ovad_one_process), "--batch-images", "1")
+    assert code == 0, err
+    resumed = len(lines) - last_scene
+    assert f"({resumed} from an earlier run)" in out
+    assert json.loads((ovad_one_process / "metrics.json").read_text())["metrics"] == metrics
+    # other settings in the same folder: refused, not mixed
+    code, out, err = _eval(capsys, "--task", "coco", "--annotations", exported["images"], "--output",
+                           str(ovad_one_process))
+    assert code == 2 and "other settings (batch_images, task)" in err
+
+
+def test_two_processes_give_the_one_process_metrics(exported, ovad_one_process, tmp_path):
+    output = tmp_path / "ovad_two"
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "dynrefer_hf.cli", "eval", "--task", "ovad", "--annotations", exported["images"],
+        "--output", str(output), "--batch-images", "1",
+    ]
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-4000:]
+    assert stdout.count("| ovad |") == 1  # only process 0 reports
+    assert sorted(p.name for p in (output / "partial").glob("rank*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
+    two = json.loads((output / "metrics.json").read_text())
+    one = json.loads((ovad_one_process / "metrics.json").read_text())
+    assert two["metrics"] == one["metrics"] and two["settings"]["processes"] == 2
+    # every prediction is the same, bit for bit
+    result_two = json.loads((output / "result.json").read_text())
+    result_one = json.loads((ovad_one_process / "result.json").read_text())
+    assert result_two == result_one
+
+
+def test_user_errors_are_one_line(exported, tmp_path, capsys):
+    code, _, err = _eval(capsys, "--task", "coco", "--annotations", str(tmp_path / "none.json"), "--output", "x")
+    assert code == 2 and "file not found" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _eval(capsys, "--task", "coco", "--annotations", exported["images"])
+    assert code == 2 and "--output DIR is required" in err
+    broken = tmp_path / "broken.json"
+    content = json.loads(open(exported["images"]).read())
+    content["annotations"][0]["segmentation"] = [[0, 0, 9999, 0, 9999, 10]]
+    broken.write_text(json.dumps(content))
+    code, _, err = _eval(capsys, "--task", "coco", "--annotations", str(broken), "--output", str(tmp_path / "o"))
+    assert code == 2 and "annotation id 1, field 'segmentation'" in err and "outside" in err
