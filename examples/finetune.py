@@ -7,8 +7,13 @@ The same command runs on one process, under torchrun, or under accelerate launch
     accelerate launch --config_file multi_node.yaml examples/finetune.py --model ./dynrefer-converted ...
     python examples/finetune.py --tiny --output-dir /tmp/tiny      # CPU smoke run: a tiny model built here
 
-The dataset is the synthetic shapes scenes (``shapes``, the default), a folder written by
-``Dataset.save_to_disk``, or a Hub dataset id, in the record schema of docs/data.md. Trained are the parts
+The dataset is the synthetic shapes scenes (``shapes``, the default), an annotation file with ``--images DIR``
+(upstream DynRefer's COCO-like files such as ``refcocog_train.json``, a COCO detection file, or a JSON Lines
+file; docs/evaluation.md), a folder written by ``Dataset.save_to_disk``, or a Hub dataset id, in the record
+schema of docs/data.md:
+
+    python examples/finetune.py --model ./dynrefer-converted --dataset data/refcoco/dynrefer/refcocog_train.json \
+        --images data/coco2014/train2014 --output-dir out Trained are the parts
 upstream trains (docs/upstream/model.md §14) unless ``--trainable`` says otherwise; ``--lora`` adds upstream's LoRA
 adapters to the language model. The result is saved as an ordinary model folder (adapters merged).
 """
@@ -52,7 +57,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument(
         "--tiny", action="store_true", help="build a tiny shapes model here instead (CPU smoke run)"
     )
-    source.add_argument("--dataset", default="shapes", help="'shapes', a save_to_disk folder or a Hub id")
+    source.add_argument(
+        "--dataset",
+        default="shapes",
+        help="'shapes', an annotation file (.json: upstream or COCO detection; .jsonl), a save_to_disk folder or a Hub id",
+    )
+    source.add_argument("--images", help="image folder of an annotation file (default: its dataset.image_root)")
+    source.add_argument(
+        "--dataset-format",
+        choices=("auto", "upstream", "coco", "jsonl"),
+        default="auto",
+        help="format of an annotation file; auto: .jsonl is JSON Lines, a .json whose annotations have 'bbox' "
+        "but no 'segmentation' is COCO detection, any other .json is upstream's format",
+    )
     source.add_argument("--split", default="train")
     source.add_argument(
         "--num-shapes-images", type=int, default=200, help="scenes generated for --dataset shapes"
@@ -163,11 +180,40 @@ def build_tiny(num_images: int, seed: int):
     return build_tiny_model(processor.tokenizer, seed), processor
 
 
-def load_dataset_records(args, main_process_first):
+def annotation_file_format(path: str) -> str:
+    """upstream / coco / jsonl for ``--dataset-format auto``."""
+    import json
+
+    if path.endswith(".jsonl"):
+        return "jsonl"
+    with open(path, encoding="utf-8") as file:
+        annotations = json.load(file).get("annotations") or [{}]
+    first = annotations[0]
+    return "coco" if "bbox" in first and "segmentation" not in first else "upstream"
+
+
+def load_annotation_file(args, class_names):
+    """An annotation file as image records (``--batch-unit region`` then gives upstream's one region per sample)."""
+    from dynrefer_hf.data import load_coco_detection, load_jsonl_regions, load_upstream_annotations
+
+    kind = annotation_file_format(args.dataset) if args.dataset_format == "auto" else args.dataset_format
+    if kind == "upstream":
+        return load_upstream_annotations(args.dataset, args.images, class_names=class_names)
+    if args.images is None and kind == "coco":
+        raise SystemExit("--images DIR is required with a COCO detection file")
+    if kind == "coco":
+        return load_coco_detection(args.dataset, args.images)
+    return load_jsonl_regions(args.dataset, args.images)
+
+
+def load_dataset_records(args, main_process_first, class_names=None):
     if args.dataset == "shapes":
         return shapes_split(args.split, args.num_shapes_images, seed=args.seed)
     import datasets
 
+    if os.path.isfile(args.dataset):
+        with main_process_first(desc="reading the annotation file"):
+            return load_annotation_file(args, class_names)
     with main_process_first(desc="loading the dataset"):
         if os.path.isdir(args.dataset):
             loaded = datasets.load_from_disk(args.dataset)
@@ -305,7 +351,7 @@ def main(argv=None) -> None:
         model.to_upstream_precision()
     encode_captions = caption_encoder(args, model, args.tiny)
 
-    dataset = load_dataset_records(args, arguments.main_process_first)
+    dataset = load_dataset_records(args, arguments.main_process_first, list(model.config.class_names))
     train_dataset = OneRegionPerSample(dataset) if args.batch_unit == "region" else dataset
     vocabulary = model_vocabulary(model)
     if not args.captions_only:

@@ -3,6 +3,7 @@ the result file, the metrics against `evaluate_regions`, re-scoring, resuming, t
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,20 +113,21 @@ def test_rescore_and_resume(exported, ovad_one_process, tmp_path, capsys):
     assert json.loads(out) == metrics
 
     # an interrupted run: the last scene's predictions are lost (plus a torn line); the rerun redoes only those
-    partial = ovad_one_process / "partial" / "rank0.jsonl"
+    run = tmp_path / "interrupted"
+    shutil.copytree(ovad_one_process, run)
+    partial = run / "partial" / "rank0.jsonl"
     lines = partial.read_text().splitlines(keepends=True)
     annotations = json.loads(open(exported["images"]).read())["annotations"]
     last_scene = sum(1 for a in annotations if a["image_id"] == NUM_SCENES)  # one batch per image
     partial.write_text("".join(lines[:-last_scene]) + '{"id": 3, "pred')
     code, out, err = _eval(capsys, "--task", "ovad", "--annotations", exported["images"], "--output",
-                           str(ovad_one_process), "--batch-images", "1")
+                           str(run), "--batch-images", "1")
     assert code == 0, err
     resumed = len(lines) - last_scene
     assert f"({resumed} from an earlier run)" in out
-    assert json.loads((ovad_one_process / "metrics.json").read_text())["metrics"] == metrics
+    assert json.loads((run / "metrics.json").read_text())["metrics"] == pytest.approx(metrics, rel=1e-6)
     # other settings in the same folder: refused, not mixed
-    code, out, err = _eval(capsys, "--task", "coco", "--annotations", exported["images"], "--output",
-                           str(ovad_one_process))
+    code, out, err = _eval(capsys, "--task", "coco", "--annotations", exported["images"], "--output", str(run))
     assert code == 2 and "other settings (batch_images, task)" in err
 
 
