@@ -170,3 +170,16 @@ def test_user_errors_are_one_line(exported, tmp_path, capsys):
     broken.write_text(json.dumps(content))
     code, _, err = _eval(capsys, "--task", "coco", "--annotations", str(broken), "--output", str(tmp_path / "o"))
     assert code == 2 and "annotation id 1, field 'segmentation'" in err and "outside" in err
+
+
+def test_finetune_example_reads_an_upstream_annotation_file(exported, tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
+    monkeypatch.setattr(sys, "argv", [
+        str(example), "--tiny", "--dataset", exported["images"], "--max-steps", "1", "--batch-size", "4",
+        "--output-dir", str(tmp_path / "ft"),
+    ])
+    runpy.run_path(str(example), run_name="__main__")
+    assert (tmp_path / "ft" / "model.safetensors").is_file()
