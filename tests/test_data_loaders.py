@@ -234,3 +234,13 @@ def test_jsonl_file(tmp_path):
     path.write_text("\n".join(json.dumps(line) for line in lines))
     with pytest.raises(AnnotationError, match="line 1, field 'image': image file not found"):
         load_jsonl_regions(path, cache_dir=str(tmp_path / "cache"))
+
+
+def test_classes_in_other_names_can_be_left_unread(tmp_path):
+    path, content = _upstream_file(tmp_path)
+    content["annotations"][0]["extra_info"]["coco_result"]["category"] = "teapot"
+    path.write_text(json.dumps(content))
+    dataset = load_upstream_annotations(path, read_classes=False, cache_dir=str(tmp_path / "cache"))
+    assert dataset[0]["classes"] == [-1, -1]
+    named = load_upstream_annotations(path, class_names=["cup", "teapot"], cache_dir=str(tmp_path / "cache"))
+    assert named.features["classes"].feature.names == ["cup", "teapot"] and named[0]["classes"] == [1, -1]

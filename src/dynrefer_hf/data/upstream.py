@@ -180,7 +180,9 @@ def _vocabulary(content: dict, path, class_names=None) -> RegionVocabulary:
     return RegionVocabulary(classes, _attribute_names(content, path), ram_tag_names())
 
 
-def _region_fields(annotation: dict, image: dict, path, vocabulary: RegionVocabulary, class_index: dict, masks: bool):
+def _region_fields(
+    annotation: dict, image: dict, path, vocabulary: RegionVocabulary, class_index: dict | None, masks: bool
+):
     record = f"annotation id {annotation['id']}"
     segmentation = annotation.get("segmentation")
     _check_segmentation(segmentation, path, record)
@@ -208,7 +210,7 @@ def _region_fields(annotation: dict, image: dict, path, vocabulary: RegionVocabu
             tags.append(vocabulary.tags[index])
     tags = list(dict.fromkeys(tags))
     label = -1
-    if "coco_result" in extra:
+    if "coco_result" in extra and class_index is not None:
         category = (extra["coco_result"] or {}).get("category")
         if category not in class_index:
             raise AnnotationError(
@@ -239,10 +241,10 @@ def _region_fields(annotation: dict, image: dict, path, vocabulary: RegionVocabu
     return fields
 
 
-def _upstream_records(path, size, mtime_ns, images, layout, masks, class_names):  # size, mtime_ns: cache key
+def _upstream_records(path, size, mtime_ns, images, layout, masks, class_names, read_classes):  # size, mtime_ns: key
     coco = read_annotation_file(path)
     vocabulary = _vocabulary(coco.dataset, path, class_names)
-    class_index = {name: index for index, name in enumerate(vocabulary.classes)}
+    class_index = {name: index for index, name in enumerate(vocabulary.classes)} if read_classes else None
     image_root = images if images is not None else (coco.dataset.get("dataset") or {}).get("image_root")
     if image_root is None:
         raise AnnotationError(
@@ -283,6 +285,7 @@ def load_upstream_annotations(
     layout: str = "image",
     masks: bool = False,
     class_names=None,
+    read_classes: bool = True,
     cache_dir: str | None = None,
 ):
     """An upstream annotation file as a ``datasets.Dataset`` (see the module docstring).
@@ -296,6 +299,8 @@ def load_upstream_annotations(
         masks: add ``masks``, every region as a compressed COCO RLE (decode with ``pycocotools.mask.decode``).
         class_names: the names ``coco_result.category`` may take, in class-index order (default: the 80 COCO
             names, as upstream; a model's ``config.class_names`` to evaluate it on its own classes).
+        read_classes: ``False`` leaves every class unlabelled (-1) without reading ``coco_result`` (for a task
+            that does not score classes, on a file labelled in other class names).
         cache_dir: the ``datasets`` cache folder (default: ``datasets``' own). A second call with the same file
             (path, size, modification time) and options reads the cache instead of the JSON.
 
@@ -313,6 +318,7 @@ def load_upstream_annotations(
         "layout": layout,
         "masks": masks,
         "class_names": None if class_names is None else tuple(class_names),  # a list would be split into shards
+        "read_classes": read_classes,
     }
     return build_region_dataset(_upstream_records, gen_kwargs, loader_features(vocabulary, masks), cache_dir)
 

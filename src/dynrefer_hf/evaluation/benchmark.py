@@ -162,12 +162,13 @@ def run_benchmark(
         with open(signature_file, "w", encoding="utf-8") as file:
             json.dump(signature, file, indent=2)
     class_names = list(model.config.class_names)
+    loading = {"class_names": class_names, "read_classes": settings.metric == "coco", "cache_dir": cache_dir}
     # process 0 builds the datasets cache, the others read it
     if rank == 0:
-        dataset = load_upstream_annotations(annotations, images, class_names=class_names, cache_dir=cache_dir)
+        dataset = load_upstream_annotations(annotations, images, **loading)
     _barrier(world)
     if rank != 0:
-        dataset = load_upstream_annotations(annotations, images, class_names=class_names, cache_dir=cache_dir)
+        dataset = load_upstream_annotations(annotations, images, **loading)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     annotation_ids = dataset["annotation_ids"]
