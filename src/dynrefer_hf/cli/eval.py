@@ -169,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         resumed = outcome.num_resumed
         speed = f"{outcome.regions_per_second:.1f} regions/s" if outcome.num_predicted else "nothing left to predict"
+        if outcome.num_predicted and outcome.processes > 1:
+            speed += f" in process 0 of {outcome.processes}"
         print(
             f"{outcome.num_regions} regions ({resumed} from an earlier run); {speed}; "
             f"wrote {outcome.result_file} and {outcome.metrics_file}"

@@ -47,6 +47,7 @@ class BenchmarkRun:
     num_predicted: int
     seconds: float
     regions_per_second: float
+    processes: int = 1
     table: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -216,7 +217,9 @@ def run_benchmark(
         bar.close()
     _barrier(world)
     if rank != 0:
-        return BenchmarkRun(task, {}, None, None, 0, num_resumed, total, seconds, total / seconds if seconds and total else 0.0)
+        return BenchmarkRun(
+            task, {}, None, None, 0, num_resumed, total, seconds, total / seconds if seconds and total else 0.0, world
+        )
 
     predicted = _read_partials(partial_dir)
     with open(annotations, encoding="utf-8") as file:
@@ -248,6 +251,7 @@ def run_benchmark(
         num_predicted=total,
         seconds=seconds,
         regions_per_second=total / seconds if seconds and total else 0.0,
+        processes=world,
         table=format_metrics_table(task, metrics),
     )
     settings_used = {
