@@ -7,7 +7,8 @@ the model's) as one process and under `torchrun --nproc_per_node 2`, interleaved
 one warm-up round, then ``--rounds`` rounds alternating the order). Each run starts from scratch
 (``--restart``) and is timed end to end: start-up, model loading, dataset (from the ``datasets`` cache after
 the warm-up), prediction, merge and scoring. torchrun gives each process OMP_NUM_THREADS=1; the single process
-uses torch's default thread count. Writes ``benchmarks/results/bench_eval_cpu.csv`` (``_common.write_results``):
+runs with torch's default thread count and, as a third variant, with OMP_NUM_THREADS=1 (to tell the gain of
+two processes from that of fewer threads on a busy machine). Writes ``benchmarks/results/bench_eval_cpu.csv`` (``_common.write_results``):
 wall seconds (best and median round) and regions per second over the best round.
 """
 
@@ -42,19 +43,19 @@ def main() -> None:
     common = ["eval", "--task", "ovad", "--annotations", annotations, "--restart", "--batch-images", str(args.batch_images)]
     commands = {
         "1 process": [sys.executable, "-m", "dynrefer_hf.cli", *common, "--output", str(work / "one")],
+        "1 process, 1 thread": [sys.executable, "-m", "dynrefer_hf.cli", *common, "--output", str(work / "one1")],
         "2 processes (torchrun, gloo)": [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "dynrefer_hf.cli", *common, "--output", str(work / "two"),
         ],
     }
 
-    def runner(command):
-        return lambda: subprocess.run(
-            command, env=environment, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+    def runner(name, command):
+        env = dict(environment, OMP_NUM_THREADS="1") if name.endswith("1 thread") else environment
+        return lambda: subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     machine = machine_description()
-    timings = interleaved({name: runner(command) for name, command in commands.items()}, rounds=args.rounds)
+    timings = interleaved({name: runner(name, command) for name, command in commands.items()}, rounds=args.rounds)
     rows = []
     for name, timing in timings.items():
         rows += [
