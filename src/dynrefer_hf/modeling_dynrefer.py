@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from transformers.utils import ModelOutput
 from .configuration_dynrefer import DynReferConfig
 from .ops import offset_resample, roi_align
 from .prompts import format_control_prompt, merge_control_words
+from .validation import check_model_folder
 
 __all__ = [
     "DynReferForRegionCaptioning",
@@ -74,6 +76,27 @@ class DynReferOutput(ModelOutput):
 
 
 # ------------------------------------------------------------------------------------------------ losses
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision results as float32; float32 and float64 ones unchanged (a float64 model keeps float64)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _pad_after_eos(sequences: torch.Tensor, generation_config, is_encoder_decoder: bool) -> None:
+    """Put the pad id after the first EOS of every generated sequence, in place, as upstream's transformers did.
+
+    transformers 5's beam search fills finished beams with ``pad_token_id or eos_token_id``, which takes
+    T5's pad id 0 for missing and pads with EOS; greedy search already pads with the pad id.
+    """
+    pad, eos = generation_config.pad_token_id, generation_config.eos_token_id
+    if pad is None or eos is None or sequences.numel() == 0:
+        return
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=sequences.device)
+    start = 1 if is_encoder_decoder else 0  # the decoder start token is not generated
+    is_eos = torch.isin(sequences[:, start:], eos)
+    after_first_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    sequences[:, start:].masked_fill_(after_first_eos, pad)
 
 
 def asymmetric_loss(
@@ -445,10 +468,26 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        """As `PreTrainedModel.from_pretrained`, with one-sentence errors for a local folder that is broken
+        (`validation.check_model_folder`) or whose weights do not fit its config, and `model.missing_weights`
+        listing the weights the checkpoint lacked."""
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, os.PathLike)):
+            check_model_folder(source)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"the weights in {source} do not fit its config.json (tensor shapes differ): the config is "
+                "incomplete or belongs to other weights"
+            ) from None
         model.set_trainable()  # loading swaps in new Parameters, which resets requires_grad
-        return loaded
+        # Weights the checkpoint lacked (randomly initialised): the pipeline refuses such a model unless told.
+        model.missing_weights = sorted(loading_info["missing_keys"])
+        return (model, loading_info) if output_loading_info else model
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -697,7 +736,12 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             1, index, attribute_probs, "amax", include_self=False
         )
         class_scores = self._quantize(self.attribute_similarity(region_queries, self.ov_embeds))
-        return tag_logits.float(), tag_mask, attribute_scores.float(), class_scores.float()
+        return (
+            _at_least_float32(tag_logits),
+            tag_mask,
+            _at_least_float32(attribute_scores),
+            _at_least_float32(class_scores),
+        )
 
     def _contrastive(self, region_queries: torch.Tensor, caption_embeds: torch.Tensor):
         """Sigmoid region-caption loss across ranks (docs/upstream/model.md §8) and the region->caption logits."""
@@ -854,12 +898,12 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
 
         losses = [loss for loss in (loss_llm, loss_tag, loss_att) if loss is not None]
         output = DynReferOutput(
-            loss=torch.stack([loss.float() for loss in losses]).sum() if losses else None,
+            loss=torch.stack([_at_least_float32(loss) for loss in losses]).sum() if losses else None,
             loss_llm=loss_llm,
             loss_tag=loss_tag,
             loss_att=loss_att,
             logits=logits,
-            tag_logits=self._quantize(raw_tag_logits).float(),
+            tag_logits=_at_least_float32(self._quantize(raw_tag_logits)),
             contrastive_logits=contrastive_logits,
             region_queries=region_queries,
         )
@@ -891,9 +935,12 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         )
         model_kwargs = generation_config.update(**generate_kwargs)  # returns the non-generation arguments
         with self._autocast(embeds.device, torch.bfloat16):
-            return self.language_model.generate(
+            outputs = self.language_model.generate(
                 inputs_embeds=embeds, attention_mask=mask, generation_config=generation_config, **model_kwargs
             )
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        _pad_after_eos(sequences, generation_config, self.config.is_encoder_decoder)
+        return outputs
 
     @torch.no_grad()
     def describe_regions(
@@ -967,10 +1014,12 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
     def _sequence_scores(self, outputs) -> torch.Tensor:
         """Beam search's `sequences_scores`; for greedy/sampling, the summed log-probabilities of the tokens."""
         if getattr(outputs, "sequences_scores", None) is not None:
-            return outputs.sequences_scores.float()
+            return _at_least_float32(outputs.sequences_scores)
         steps = len(outputs.scores)
         generated = outputs.sequences[:, -steps:]
-        log_probs = torch.stack([F.log_softmax(step.float(), dim=-1) for step in outputs.scores], dim=1)
+        log_probs = torch.stack(
+            [F.log_softmax(_at_least_float32(step), dim=-1) for step in outputs.scores], dim=1
+        )
         token_log_probs = log_probs.gather(2, generated.unsqueeze(-1)).squeeze(-1)
         eos = self.generation_config.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=generated.device)
