@@ -32,6 +32,7 @@ __all__ = [
     "check_model_folder",
     "check_top_k",
     "checked_region_box",
+    "number_range_text",
     "parse_box_text",
 ]
 
@@ -79,13 +80,7 @@ def check_number(
     """``value`` as a finite ``float`` in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
     if value is None and allow_none:
         return None
-    if low is None and high is None:
-        allowed = "a finite number"
-    else:
-        left = "(" if low_open else "["
-        low_text = "-inf" if low is None else f"{low:g}"
-        high_text = "inf" if high is None else f"{high:g}"
-        allowed = f"a number in {left}{low_text}, {high_text}]"
+    allowed = number_range_text(low, high, low_open)
     if not _is_real(value):
         raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
     number = float(value)
@@ -93,6 +88,16 @@ def check_number(
     if not math.isfinite(number) or too_low or (high is not None and number > high):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return number
+
+
+def number_range_text(low: float | None = None, high: float | None = None, low_open: bool = False) -> str:
+    """What `check_number` accepts, in words: ``"a number in [0, 1]"``."""
+    if low is None and high is None:
+        return "a finite number"
+    left = "(" if low_open else "["
+    low_text = "-inf" if low is None else f"{low:g}"
+    high_text = "inf" if high is None else f"{high:g}"
+    return f"a number in {left}{low_text}, {high_text}]"
 
 
 def check_probability(name: str, value: Any, allow_none: bool = False) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import count
 from .errors import CommandError
 
 __all__ = ["register"]
@@ -25,17 +26,24 @@ def register(subparsers) -> None:
         ),
     )
     parser.add_argument("output", metavar="OUT.png", help="where to write the scene")
-    parser.add_argument("--index", type=int, default=0, help="which test scene (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="scene generator seed (default: %(default)s)")
+    parser.add_argument("--index", type=count(0), default=0, help="which test scene (default: %(default)s)")
+    parser.add_argument("--seed", type=count(0), default=0, help="scene generator seed (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the boxes and captions as JSON")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
     from ..shapes import shapes_split
 
-    if args.index < 0:
-        raise CommandError(f"--index must be >= 0, got {args.index}")
+    target = Path(args.output)
+    if not target.parent.is_dir():
+        raise CommandError(f"cannot write {args.output}: the folder {target.parent} does not exist")
+    if target.suffix.lower() not in Image.registered_extensions():
+        raise CommandError(f"cannot write {args.output}: name the picture with an image extension such as .png")
     record = shapes_split("test", 1, seed=args.seed, start=args.index)[0]
     try:
         record["image"].save(args.output)
