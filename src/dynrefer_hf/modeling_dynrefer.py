@@ -78,9 +78,13 @@ class DynReferOutput(ModelOutput):
 # ------------------------------------------------------------------------------------------------ losses
 
 
-def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
-    """Half-precision results as float32; float32 and float64 ones unchanged (a float64 model keeps float64)."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+def _at_least_float32(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor`` in float32, or in float64 when it (or ``like``, the model's activations it was computed
+    from, e.g. before bf16 rounding) is float64: half-precision results widen, a float64 model keeps float64."""
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    if like is not None:
+        dtype = torch.promote_types(dtype, like.dtype)
+    return tensor.to(dtype)
 
 
 def _pad_after_eos(sequences: torch.Tensor, generation_config, is_encoder_decoder: bool) -> None:
@@ -737,10 +741,10 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         )
         class_scores = self._quantize(self.attribute_similarity(region_queries, self.ov_embeds))
         return (
-            _at_least_float32(tag_logits),
+            _at_least_float32(tag_logits, like=region_queries),
             tag_mask,
-            _at_least_float32(attribute_scores),
-            _at_least_float32(class_scores),
+            _at_least_float32(attribute_scores, like=region_queries),
+            _at_least_float32(class_scores, like=region_queries),
         )
 
     def _contrastive(self, region_queries: torch.Tensor, caption_embeds: torch.Tensor):
@@ -898,12 +902,14 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
 
         losses = [loss for loss in (loss_llm, loss_tag, loss_att) if loss is not None]
         output = DynReferOutput(
-            loss=torch.stack([_at_least_float32(loss) for loss in losses]).sum() if losses else None,
+            loss=torch.stack([_at_least_float32(loss, like=region_queries) for loss in losses]).sum()
+            if losses
+            else None,
             loss_llm=loss_llm,
             loss_tag=loss_tag,
             loss_att=loss_att,
             logits=logits,
-            tag_logits=_at_least_float32(self._quantize(raw_tag_logits)),
+            tag_logits=_at_least_float32(self._quantize(raw_tag_logits), like=region_queries),
             contrastive_logits=contrastive_logits,
             region_queries=region_queries,
         )

@@ -139,7 +139,7 @@ def binary_masks(masks: Any, name: str = "masks") -> np.ndarray:
         low, high = array.min(), array.max()
         raise ValueError(
             f"{name} must be binary (0/1 or boolean), got values from {low:g} to {high:g}; threshold soft "
-            f"masks yourself, e.g. {name} > 0.5"
+            "masks yourself, e.g. `masks > 0.5`"
         )
     return array.astype(bool)
 

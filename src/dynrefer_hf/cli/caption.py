@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             exif_orientation=not args.ignore_exif_orientation,
         )
         for box in args.boxes:  # the pipeline's own rule, checked before the model is loaded
-            checked_region_box(box, image.width, image.height, where=f"--box {_format_box(box)}")
+            checked_region_box(box, image.width, image.height, where="--box")
     except (OSError, ValueError) as error:
         raise CommandError(str(error)) from None
 

@@ -112,7 +112,11 @@ def load_region_captioner(
     device = check_device(device)
     try:
         loaded = DynReferForRegionCaptioning.from_pretrained(model, revision=revision, dtype=dtype or "auto")
-    except (OSError, ValueError) as error:
+    except ValueError as error:
+        if os.path.isdir(model):  # the folder's own problem, named by `from_pretrained`
+            raise CommandError(str(error)) from None
+        raise _unavailable(model, error) from None
+    except OSError as error:
         raise _unavailable(model, error) from None
     level = pipeline_logger.level
     pipeline_logger.setLevel("ERROR")  # the command prints the demonstration-model notice itself

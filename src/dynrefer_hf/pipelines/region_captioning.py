@@ -302,6 +302,22 @@ class RegionCaptioningPipeline(ChunkPipeline):
         if _is_demo_model(self.model.name_or_path):
             logger.warning(DEMO_MODEL_NOTICE)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the model, its tokenizer and its image processor into ``save_directory``, from which
+        ``pipeline("region-captioning", model=save_directory)`` loads the same pipeline back.
+
+        Unlike ``Pipeline.save_pretrained`` no pipeline code is copied and no ``custom_pipelines`` entry is
+        written: the task is part of this package, registered by ``import dynrefer_hf``, so the folder
+        loads without ``trust_remote_code``. ``push_to_hub`` saves through this method too. Keyword
+        arguments go to every ``save_pretrained`` (e.g. ``max_shard_size``).
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory must be a folder, but {save_directory} is a file")
+        os.makedirs(save_directory, exist_ok=True)
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.tokenizer.save_pretrained(save_directory, **kwargs)
+        self.image_processor.save_pretrained(save_directory, **kwargs)
+
     def __call__(self, images, boxes=None, masks=None, controls=None, batch_size=None, **kwargs):
         """Describe the regions of one image (returns a list of region results) or of a list of images
         (returns one such list per image). See the class docstring for the arguments."""
@@ -363,6 +379,11 @@ class RegionCaptioningPipeline(ChunkPipeline):
             return [pack(item, None if regions is None else regions[i]) for i, item in enumerate(images)]
         if isinstance(images, (Mapping, str, os.PathLike, PIL.Image.Image, np.ndarray)):
             return pack(images, regions)
+        if images is None or isinstance(images, (int, float, bytes)) or not hasattr(images, "__iter__"):
+            raise TypeError(
+                "images must be an image (a path, URL, PIL image or array), a list of them, or a dataset of input "
+                f"dicts, got {type(images).__name__}"
+            )
         if regions is not None:
             raise ValueError("boxes/masks can only be given with an image or a list of images")
         return images  # a dataset or generator of input dicts, handled lazily by `preprocess`
