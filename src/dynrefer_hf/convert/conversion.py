@@ -360,12 +360,6 @@ def load_upstream_state_dict(
     Returns the mapping (target tensors, dropped keys and why, sources of every target).
     """
     mapped = map_upstream_state_dict(state_dict, num_vision_layers=model.config.vision_config.num_hidden_layers)
-    shared = mapped.tensors.get(SHARED_EMBEDDING)
-    if shared is None:
-        shared = model.get_parameter(SHARED_EMBEDDING).detach()
-    for key, reason in mapped.dropped.items():
-        if reason == DROP_T5_ALIAS:
-            check_alias_equal(key, state_dict[key], SHARED_EMBEDDING, shared)
     problems = _inventory_problems(
         mapped.tensors,
         model_weight_inventory(model),
@@ -375,6 +369,12 @@ def load_upstream_state_dict(
         problems.pop("missing (no source fills them)")
     if any(problems.values()):
         raise ConversionError(problems)
+    shared = mapped.tensors.get(SHARED_EMBEDDING)
+    if shared is None:
+        shared = model.get_parameter(SHARED_EMBEDDING).detach()
+    for key, reason in mapped.dropped.items():
+        if reason == DROP_T5_ALIAS:
+            check_alias_equal(key, state_dict[key], SHARED_EMBEDDING, shared)
     model.load_state_dict(mapped.tensors, strict=False)
     return mapped
 
