@@ -35,7 +35,7 @@ from transformers.utils import ModelOutput
 from .configuration_dynrefer import DynReferConfig
 from .ops import offset_resample, roi_align
 from .prompts import format_control_prompt, merge_control_words
-from .validation import check_model_folder
+from .validation import check_model_folder, check_weight_shapes
 
 __all__ = [
     "DynReferForRegionCaptioning",
@@ -476,18 +476,14 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         (`validation.check_model_folder`) or whose weights do not fit its config, and `model.missing_weights`
         listing the weights the checkpoint lacked."""
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if isinstance(source, (str, os.PathLike)):
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
             check_model_folder(source)
+            if kwargs.get("config") is None and not kwargs.get("ignore_mismatched_sizes"):
+                with torch.device("meta"):
+                    expected = cls(cls.config_class.from_pretrained(source))
+                check_weight_shapes(source, {name: tuple(t.shape) for name, t in expected.state_dict().items()})
         output_loading_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        except RuntimeError as error:
-            if "ignore_mismatched_sizes" not in str(error):
-                raise
-            raise ValueError(
-                f"the weights in {source} do not fit its config.json (tensor shapes differ): the config is "
-                "incomplete or belongs to other weights"
-            ) from None
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model.set_trainable()  # loading swaps in new Parameters, which resets requires_grad
         # Weights the checkpoint lacked (randomly initialised): the pipeline refuses such a model unless told.
         model.missing_weights = sorted(loading_info["missing_keys"])

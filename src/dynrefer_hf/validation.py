@@ -31,6 +31,7 @@ __all__ = [
     "check_probability",
     "check_model_folder",
     "check_top_k",
+    "check_weight_shapes",
     "checked_region_box",
     "number_range_text",
     "parse_box_text",
@@ -248,8 +249,48 @@ def check_model_folder(folder: str | os.PathLike, model_type: str = "dynrefer") 
             _check_safetensors(path)
 
 
+def _safetensors_files(folder: str | os.PathLike) -> list[str]:
+    """The safetensors files of a saved model folder (one, or the shards of its index); [] for other formats."""
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    index_file = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.isfile(index_file):
+        return []
+    with open(index_file, encoding="utf-8") as file:
+        return [os.path.join(folder, shard) for shard in sorted(set(json.load(file)["weight_map"].values()))]
+
+
+def check_weight_shapes(folder: str | os.PathLike, expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a folder whose safetensors weights do not have the shapes its config implies (``expected``:
+    name -> shape, e.g. from the model built on the meta device), reading only the file headers.
+
+    A ``config.json`` that lost its sub-configs would otherwise make ``from_pretrained`` build (and
+    initialise) the full-size released architecture around small weights before failing.
+
+    Raises:
+        ValueError: naming the first mismatched tensors, with both shapes.
+    """
+    from safetensors import safe_open
+
+    mismatched = []
+    for path in _safetensors_files(folder):
+        with safe_open(path, framework="np") as file:
+            for name in file.keys():
+                shape = tuple(file.get_slice(name).get_shape())
+                if name in expected and tuple(expected[name]) != shape:
+                    mismatched.append(f"{name} {list(shape)} (config: {list(expected[name])})")
+    if mismatched:
+        shown = "; ".join(mismatched[:3]) + (f"; and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
+        raise ValueError(
+            f"the weights in {folder} do not fit its config.json ({len(mismatched)} tensor(s) of other shapes: "
+            f"{shown}): the config is incomplete or belongs to other weights"
+        )
+
+
 def _check_safetensors(path: str) -> None:
-    """Read the header of a safetensors file (a few bytes); a corrupt or truncated file raises ``ValueError``."""
+    """Read the header of a safetensors file (safetensors also checks that the file holds every byte it
+    describes); a corrupt or truncated file raises ``ValueError``."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -257,9 +298,3 @@ def _check_safetensors(path: str) -> None:
             file.keys()
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is corrupt or truncated: {error}") from None
-    with open(path, "rb") as file:  # the header names the byte range of every tensor: the file must reach its end
-        size = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(size))
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    if 8 + size + max(ends, default=0) > os.path.getsize(path):
-        raise ValueError(f"{path} is truncated: its header describes more bytes than the file holds")

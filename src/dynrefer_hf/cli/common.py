@@ -104,12 +104,17 @@ def load_region_captioner(
     ``allow_missing_weights``) is a `CommandError`, one sentence, before anything large is built.
     """
     from transformers import pipeline
+    from transformers.utils import logging as transformers_logging
 
     from ..modeling_dynrefer import DynReferForRegionCaptioning
     from ..pipelines.region_captioning import logger as pipeline_logger
 
     load_config(model, revision)  # a clear error before the pipeline factory tries anything else
     device = check_device(device)
+    verbosity = transformers_logging.get_verbosity()
+    # transformers' load report (missing / mismatched tensors) would repeat, as a table, what the one-line
+    # error below says; the command refuses such checkpoints anyway
+    transformers_logging.set_verbosity_error()
     try:
         loaded = DynReferForRegionCaptioning.from_pretrained(model, revision=revision, dtype=dtype or "auto")
     except ValueError as error:
@@ -118,6 +123,8 @@ def load_region_captioner(
         raise _unavailable(model, error) from None
     except OSError as error:
         raise _unavailable(model, error) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     level = pipeline_logger.level
     pipeline_logger.setLevel("ERROR")  # the command prints the demonstration-model notice itself
     try:
