@@ -119,7 +119,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument(
         "--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the final model)"
     )
-    run.add_argument("--resume-from-checkpoint", help="a checkpoint folder of an earlier run (--save-steps)")
+    run.add_argument(
+        "--resume-from-checkpoint",
+        help="a checkpoint folder of an earlier run (--save-steps), or 'last' for the last complete one of --output-dir",
+    )
     run.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.tiny == bool(args.model):
@@ -339,7 +342,8 @@ def main(argv=None) -> None:
         attribute_loss_weight=args.attribute_loss_weight,
         class_loss_weight=args.class_loss_weight,
     )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    resume = args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
 
     final = merge_language_model_lora(trained) if args.lora else model
     if trainer.is_world_process_zero():

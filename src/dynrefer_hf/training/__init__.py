@@ -1,5 +1,6 @@
 """Training DynRefer with the Hugging Face ``Trainer``: the collator, the trainer and LoRA on the language model."""
 
+from .checkpoints import CheckpointCompletionCallback, last_complete_checkpoint
 from .collator import RegionTrainingCollator, sample_control_words
 from .lora import (
     UPSTREAM_LORA_TARGETS,
@@ -23,6 +24,7 @@ __all__ = [
     "UPSTREAM_LORA_TARGETS",
     "CaptionEmbeddingTrainer",
     "CaptionTextCollator",
+    "CheckpointCompletionCallback",
     "OneRegionPerSample",
     "RegionTrainer",
     "RegionTrainingCollator",
@@ -31,6 +33,7 @@ __all__ = [
     "bag_of_words_embeddings",
     "label_supervision_losses",
     "language_model_lora_config",
+    "last_complete_checkpoint",
     "merge_language_model_lora",
     "sample_control_words",
 ]

@@ -8,12 +8,16 @@ pretrained text encoder is available (the offline demonstration model, docs/demo
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+
+from .checkpoints import CheckpointCompletionCallback, is_complete_checkpoint, last_complete_checkpoint
 
 __all__ = [
     "ATTRIBUTE_LOSSES",
@@ -165,6 +169,7 @@ class RegionTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.add_callback(CheckpointCompletionCallback())
         if attribute_loss not in ATTRIBUTE_LOSSES:
             raise ValueError(f"attribute_loss must be one of {ATTRIBUTE_LOSSES}, got {attribute_loss!r}")
         self.attribute_loss = attribute_loss
@@ -232,6 +237,34 @@ class RegionTrainer(Trainer):
             if value is not None:
                 self._loss_parts[name].append(float(value.detach()))
         return (loss, outputs) if return_outputs else loss
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, resuming only from complete checkpoints: ``resume_from_checkpoint=True`` takes the
+        last complete one of ``output_dir`` (a folder half-written by a killed run is skipped), and a folder
+        without the completion marker is refused (`training.checkpoints`)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True: {self.args.output_dir} holds no complete checkpoint")
+        elif resume_from_checkpoint and not is_complete_checkpoint(resume_from_checkpoint):
+            last = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
+            raise ValueError(
+                f"{resume_from_checkpoint} is not a complete checkpoint (its saving did not finish, or it was not "
+                f"written by RegionTrainer); the last complete one beside it: {last}"
+            )
+        # Point the collator's sampler at the first batch not yet trained on: a resumed run then draws the
+        # views and control words an uninterrupted one would (skipped batches are not collated again).
+        collator = self.data_collator
+        while collator is not None and not hasattr(collator, "batch_index"):
+            collator = getattr(collator, "collator", None)  # wrappers keep the sampling collator as `.collator`
+        if collator is not None:
+            collator.batch_index = 0
+            if resume_from_checkpoint:
+                with open(os.path.join(resume_from_checkpoint, "trainer_state.json"), encoding="utf-8") as file:
+                    trained_steps = json.load(file)["global_step"]
+                collator.batch_index = trained_steps * self.args.gradient_accumulation_steps
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._loss_parts:
