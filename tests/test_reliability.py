@@ -164,12 +164,12 @@ def test_pipeline_refuses_bad_images(no_forward, images, error, message):
 
 
 def test_valid_borderline_regions_are_described(describe, image):
-    results = describe(image, boxes=[[-20, -5, 60, 300], [30, 30, 30, 30]], attribute_top_k=0)
+    results = describe(image, boxes=[[-20, -5, 60, 300], [30, 30, 30, 30]], attribute_top_k=0, max_new_tokens=2)
     assert [result["box"] for result in results] == [[-20, -5, 60, 300], [30, 30, 30, 30]]
     assert all(result["attributes"] == [] for result in results)
     masks = np.zeros((1, 60, 80), dtype=np.uint8)
     masks[0, 10:20, 5:30] = 1
-    assert describe(image, masks=masks)[0]["box"] == [5, 10, 29, 19]
+    assert describe(image, masks=masks, max_new_tokens=2)[0]["box"] == [5, 10, 29, 19]
 
 
 # ------------------------------------------------------------------------------------------ image files
@@ -232,7 +232,7 @@ def test_exif_orientation_is_respected_unless_told_otherwise(describe, tmp_path)
     assert shown.size == (40, 100)
     assert load_rgb_image(tmp_path / "rotated.jpg", exif_orientation=False).size == (100, 40)
     tall_box = [[5, 60, 30, 90]]  # inside the displayed 40x100 image, below the stored 100x40 one
-    assert len(describe(str(tmp_path / "rotated.jpg"), boxes=tall_box)) == 1
+    assert len(describe(str(tmp_path / "rotated.jpg"), boxes=tall_box, max_new_tokens=2)) == 1
     with pytest.raises(ValueError, match="covers no pixel of the 100x40 image"):
         describe(str(tmp_path / "rotated.jpg"), boxes=tall_box, exif_orientation=False)
 
@@ -316,11 +316,11 @@ def test_checkpoint_missing_trained_tensors_is_refused_unless_allowed(tiny_regio
     allowed = pipeline("region-captioning", model=str(folder), device="cpu", allow_missing_weights=True)
     picture = tmp_path / "image.png"
     PIL.Image.new("RGB", (80, 60)).save(picture)
-    assert len(allowed(str(picture), boxes=[BOX])) == 1
+    assert len(allowed(str(picture), boxes=[BOX], max_new_tokens=2)) == 1
     arguments = ["caption", str(picture), "--box", "1,2,30,40", "--model", str(folder), "--device", "cpu"]
     assert main(arguments) == 2
     assert "tag_fc.bias, tag_fc.weight; pass --allow-missing-weights" in capsys.readouterr().err
-    assert main([*arguments, "--allow-missing-weights"]) == 0
+    assert main([*arguments, "--allow-missing-weights", "--max-new-tokens", "2"]) == 0
 
 
 def test_generate_pads_finished_beams_with_the_pad_id():
@@ -350,11 +350,11 @@ def test_float64_model_keeps_float64_outputs():
 
 
 def test_pipeline_save_pretrained_and_push_to_hub_round_trip(describe, image, tmp_path, monkeypatch):
-    expected = describe(image, boxes=[BOX, [20, 5, 70, 50]])
+    expected = describe(image, boxes=[BOX, [20, 5, 70, 50]], max_new_tokens=3)
     describe.save_pretrained(tmp_path / "saved")
     assert "custom_pipelines" not in json.loads((tmp_path / "saved" / "config.json").read_text())
     reloaded = pipeline("region-captioning", model=str(tmp_path / "saved"), device="cpu")
-    assert reloaded(image, boxes=[BOX, [20, 5, 70, 50]]) == expected
+    assert reloaded(image, boxes=[BOX, [20, 5, 70, 50]], max_new_tokens=3) == expected
     with pytest.raises(ValueError, match="is a file"):
         describe.save_pretrained(tmp_path / "saved" / "config.json")
 
@@ -371,7 +371,7 @@ def test_pipeline_save_pretrained_and_push_to_hub_round_trip(describe, image, tm
     monkeypatch.setattr(type(describe), "_upload_modified_files", upload)
     describe.push_to_hub("someone/tiny-dynrefer")
     again = pipeline("region-captioning", model=str(uploaded), device="cpu")
-    assert again(image, boxes=[BOX, [20, 5, 70, 50]]) == expected
+    assert again(image, boxes=[BOX, [20, 5, 70, 50]], max_new_tokens=3) == expected
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -390,9 +390,12 @@ def test_command_boxes_partly_outside_or_negative_are_described_as_by_the_pipeli
     picture = tmp_path / "image.png"
     image.save(picture)
     common = ["caption", str(picture), "--model", str(tiny_region_captioner), "--device", "cpu", "--json"]
+    common += ["--max-new-tokens", "3"]
     assert main([*common, "--box", "-5,3,20,40", "--box=30,30,30,30", "--box", "50,40,200,300"]) == 0
     regions = json.loads(capsys.readouterr().out)["regions"]
-    expected = describe(image, boxes=[[-5, 3, 20, 40], [30, 30, 30, 30], [50, 40, 200, 300]], attribute_top_k=3)
+    expected = describe(
+        image, boxes=[[-5, 3, 20, 40], [30, 30, 30, 30], [50, 40, 200, 300]], attribute_top_k=3, max_new_tokens=3
+    )
     assert [region["caption"] for region in regions] == [region["caption"] for region in expected]
 
 
