@@ -28,7 +28,8 @@ WORKER = textwrap.dedent(
     from dynrefer_hf.training import RegionTrainer
 
     kill = os.environ.get("KILL_AT")  # "step:N" (inside step N + 1) or "save:N" (while checkpoint-N is written)
-    if kill and not (os.environ.get("RANK", "0") != os.environ.get("KILL_RANK", os.environ.get("RANK", "0"))):
+    rank = os.environ.get("RANK", "0")
+    if kill and rank == os.environ.get("KILL_RANK", rank):  # every process, or only rank KILL_RANK
         kind, step = kill.split(":")
         step = int(step)
         name = "training_step" if kind == "step" else "_save_rng_state"
@@ -95,6 +96,10 @@ def _assert_same(resumed, reference):
     assert not different, different[:5]
 
 
+def _torchrun():
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 @pytest.mark.parametrize(
     ("name", "extra", "kill"),
     [
@@ -116,5 +121,20 @@ def test_killed_run_resumes_to_the_same_weights(base_model, tmp_path, name, extr
 
         assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-2")
     resumed = _run(base_model, tmp_path / "run", *extra, "--resume-from-checkpoint", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same(_final_weights(tmp_path / "run"), _final_weights(tmp_path / "reference"))
+
+
+def test_killed_two_process_gloo_run_resumes_to_the_same_weights(base_model, tmp_path):
+    """Rank 1 is killed while checkpoint-4 is written (rank 0 has saved the weights, rank 1 not its RNG state):
+    checkpoint-4 stays incomplete, and the resumed two-process run ends as the uninterrupted one."""
+    from dynrefer_hf.training import last_complete_checkpoint
+
+    reference = _run(base_model, tmp_path / "reference", launcher=_torchrun())
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = _run(base_model, tmp_path / "run", kill="save:4", kill_rank=1, launcher=_torchrun())
+    assert killed.returncode != 0 and not (tmp_path / "run" / "model.safetensors").exists()
+    assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-2")
+    resumed = _run(base_model, tmp_path / "run", "--resume-from-checkpoint", "last", launcher=_torchrun())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same(_final_weights(tmp_path / "run"), _final_weights(tmp_path / "reference"))
