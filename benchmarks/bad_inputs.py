@@ -46,7 +46,9 @@ def silent_server() -> str:
     server.bind(("127.0.0.1", 0))
     server.listen(8)
     connections = []
-    threading.Thread(target=lambda: [connections.append(server.accept()) for _ in range(8)], daemon=True).start()
+    threading.Thread(
+        target=lambda: [connections.append(server.accept()) for _ in range(8)], daemon=True
+    ).start()
     return f"http://127.0.0.1:{server.getsockname()[1]}/image.jpg"
 
 
@@ -93,7 +95,10 @@ def build_fixtures(folder: Path) -> dict[str, str]:
         ("no_weights", lambda f: (f / "model.safetensors").unlink()),
         ("config_not_json", lambda f: (f / "config.json").write_text("{ not json")),
         ("config_incomplete", lambda f: (f / "config.json").write_text('{"model_type": "dynrefer"}')),
-        ("config_bert", lambda f: (f / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')),
+        (
+            "config_bert",
+            lambda f: (f / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}'),
+        ),
         ("missing_tensors", _drop_tensors),
     ):
         target = folder / name
@@ -175,7 +180,11 @@ def library_cases(paths: dict[str, str], url: str):
         ("pipeline URL never answers (default timeout)", lambda: describe(url, boxes=[box]), True),
         ("pipeline URL refused", lambda: describe("http://127.0.0.1:9/x.jpg", boxes=[box]), True),
         ("pipeline 16-bit PNG file", lambda: _not_clipped(describe, paths["16bit.png"]), False),
-        ("pipeline 16-bit PIL image", lambda: _not_clipped(describe, PIL.Image.open(paths["16bit.png"])), False),
+        (
+            "pipeline 16-bit PIL image",
+            lambda: _not_clipped(describe, PIL.Image.open(paths["16bit.png"])),
+            False,
+        ),
         ("pipeline float32 array", lambda: describe(np.zeros((60, 80, 3), np.float32), boxes=[box]), True),
         ("pipeline float PIL 'F'", lambda: describe(PIL.Image.new("F", (80, 60)), boxes=[box]), True),
         ("pipeline array 5 channels", lambda: describe(np.zeros((60, 80, 5), np.uint8), boxes=[box]), True),
@@ -185,21 +194,37 @@ def library_cases(paths: dict[str, str], url: str):
         ("pipeline empty mask", lambda: describe(image, masks=np.zeros((1, 120, 160), bool)), True),
         ("pipeline mask wrong size", lambda: describe(image, masks=np.ones((1, 10, 10), bool)), True),
         ("pipeline mask 4-D", lambda: describe(image, masks=np.ones((1, 1, 120, 160), bool)), True),
-        ("pipeline controls count", lambda: describe(image, boxes=[box, box], controls=[["a"], ["b"], ["c"]]), True),
+        (
+            "pipeline controls count",
+            lambda: describe(image, boxes=[box, box], controls=[["a"], ["b"], ["c"]]),
+            True,
+        ),
         ("pipeline controls int", lambda: describe(image, boxes=[box], controls=5), True),
         ("pipeline controls [[1]]", lambda: describe(image, boxes=[box], controls=[[1]]), True),
         ("pipeline dict without image", lambda: describe({"boxes": [box]}), True),
         ("pipeline generate_kwargs twice", call(generate_kwargs={"num_beams": 1}, num_beams=2), True),
-        ("pipeline missing trained tensors", lambda: pipeline("region-captioning", model=paths["missing_tensors"]), True),
+        (
+            "pipeline missing trained tensors",
+            lambda: pipeline("region-captioning", model=paths["missing_tensors"]),
+            True,
+        ),
         ("processor boxes ragged", lambda: processor(image, boxes=[[1, 2, 3, 4], [5, 6]]), True),
         ("processor soft mask", lambda: processor(image, masks=(mask * 0.3)[None]), True),
         ("processor NaN mask", lambda: processor(image, masks=np.where(mask, 1.0, np.nan)[None]), True),
         ("processor images=[]", lambda: processor([], boxes=[]), True),
         ("processor images None", lambda: processor(None, boxes=[box]), True),
         ("processor images str", lambda: processor("image.jpg", boxes=[box]), True),
-        ("processor 16-bit PIL", lambda: _processor_not_clipped(processor, PIL.Image.open(paths["16bit.png"])), False),
+        (
+            "processor 16-bit PIL",
+            lambda: _processor_not_clipped(processor, PIL.Image.open(paths["16bit.png"])),
+            False,
+        ),
         ("processor float array", lambda: processor(np.zeros((60, 80, 3)), boxes=[box]), True),
-        ("processor seed='x'", lambda: processor(image, boxes=[box], view_selection="random", seed="x"), True),
+        (
+            "processor seed='x'",
+            lambda: processor(image, boxes=[box], view_selection="random", seed="x"),
+            True,
+        ),
         ("processor view_selection=5", lambda: processor(image, boxes=[box], view_selection=5), True),
         ("processor return_tensors='tf'", lambda: processor(image, boxes=[box], return_tensors="tf"), True),
         ("processor num_views=0", lambda: DynReferImageProcessor(num_views=0), True),
@@ -210,16 +235,52 @@ def library_cases(paths: dict[str, str], url: str):
         ("config tag_threshold=2", lambda: DynReferConfig(tag_threshold=2.0), True),
         ("config head_dropout=1.5", lambda: DynReferConfig(head_dropout=1.5), True),
         ("config max_text_length=0", lambda: DynReferConfig(max_text_length=0), True),
-        ("model trainable_modules unknown", lambda: make_tiny_model(trainable_modules=["no_such_module"]), True),
+        (
+            "model trainable_modules unknown",
+            lambda: make_tiny_model(trainable_modules=["no_such_module"]),
+            True,
+        ),
         ("config from BERT folder", lambda: DynReferConfig.from_pretrained(paths["config_bert"]), True),
-        ("AutoConfig BERT as dynrefer", lambda: _assert_dynrefer(AutoConfig.from_pretrained(paths["config_bert"])), True),
-        ("model from BERT folder", lambda: DynReferForRegionCaptioning.from_pretrained(paths["config_bert"]), True),
-        ("model from empty folder", lambda: DynReferForRegionCaptioning.from_pretrained(paths["empty_model"]), True),
-        ("model from corrupt weights", lambda: DynReferForRegionCaptioning.from_pretrained(paths["corrupt_weights"]), True),
-        ("model from config without weights", lambda: DynReferForRegionCaptioning.from_pretrained(paths["no_weights"]), True),
-        ("model from config not JSON", lambda: DynReferForRegionCaptioning.from_pretrained(paths["config_not_json"]), True),
-        ("model from incomplete config", lambda: DynReferForRegionCaptioning.from_pretrained(paths["config_incomplete"]), True),
-        ("model missing tensors (loads, listed)", lambda: _lists_missing(DynReferForRegionCaptioning, paths["missing_tensors"]), False),
+        (
+            "AutoConfig BERT as dynrefer",
+            lambda: _assert_dynrefer(AutoConfig.from_pretrained(paths["config_bert"])),
+            True,
+        ),
+        (
+            "model from BERT folder",
+            lambda: DynReferForRegionCaptioning.from_pretrained(paths["config_bert"]),
+            True,
+        ),
+        (
+            "model from empty folder",
+            lambda: DynReferForRegionCaptioning.from_pretrained(paths["empty_model"]),
+            True,
+        ),
+        (
+            "model from corrupt weights",
+            lambda: DynReferForRegionCaptioning.from_pretrained(paths["corrupt_weights"]),
+            True,
+        ),
+        (
+            "model from config without weights",
+            lambda: DynReferForRegionCaptioning.from_pretrained(paths["no_weights"]),
+            True,
+        ),
+        (
+            "model from config not JSON",
+            lambda: DynReferForRegionCaptioning.from_pretrained(paths["config_not_json"]),
+            True,
+        ),
+        (
+            "model from incomplete config",
+            lambda: DynReferForRegionCaptioning.from_pretrained(paths["config_incomplete"]),
+            True,
+        ),
+        (
+            "model missing tensors (loads, listed)",
+            lambda: _lists_missing(DynReferForRegionCaptioning, paths["missing_tensors"]),
+            False,
+        ),
     ]
     return cases
 
@@ -262,35 +323,135 @@ def cli_cases(paths: dict[str, str], url: str):
         ("cli caption box x2<x1", ["caption", image, "--box", "50,2,3,40", *model], True),
         ("cli caption box NaN", ["caption", image, "--box", "nan,2,30,40", *model], True),
         ("cli caption box outside", ["caption", image, "--box", "500,500,600,600", *model], True),
-        ("cli caption box partly outside (valid)", ["caption", image, "--box", "100,50,400,300", *model], False),
+        (
+            "cli caption box partly outside (valid)",
+            ["caption", image, "--box", "100,50,400,300", *model],
+            False,
+        ),
         ("cli caption box zero area (valid)", ["caption", image, "--box", "30,30,30,30", *model], False),
-        ("cli caption box negative '--box=-5,...' (valid)", ["caption", image, "--box=-5,3,20,40", *model], False),
-        ("cli caption box negative '--box -5,...' (valid)", ["caption", image, "--box", "-5,3,20,40", *model], False),
+        (
+            "cli caption box negative '--box=-5,...' (valid)",
+            ["caption", image, "--box=-5,3,20,40", *model],
+            False,
+        ),
+        (
+            "cli caption box negative '--box -5,...' (valid)",
+            ["caption", image, "--box", "-5,3,20,40", *model],
+            False,
+        ),
         ("cli caption missing image", ["caption", "no/such.jpg", "--box", "1,2,30,40", *model], True),
         ("cli caption text file", ["caption", paths["text.jpg"], "--box", "1,2,30,40", *model], True),
-        ("cli caption truncated image", ["caption", paths["truncated.png"], "--box", "1,2,30,40", *model], True),
-        ("cli caption decompression bomb", ["caption", paths["bomb.png"], "--box", "1,2,30,40", *model], True),
+        (
+            "cli caption truncated image",
+            ["caption", paths["truncated.png"], "--box", "1,2,30,40", *model],
+            True,
+        ),
+        (
+            "cli caption decompression bomb",
+            ["caption", paths["bomb.png"], "--box", "1,2,30,40", *model],
+            True,
+        ),
         ("cli caption image is a folder", ["caption", paths["folder"], "--box", "1,2,30,40", *model], True),
-        ("cli caption URL never answers", ["caption", url, "--box", "1,2,30,40", "--timeout", "2", *model], True),
-        ("cli caption 16-bit PNG (valid)", ["caption", paths["16bit.png"], "--box", "1,2,30,40", *model], False),
-        ("cli caption batch-size 0", ["caption", image, "--box", "1,2,30,40", "--batch-size", "0", *model], True),
-        ("cli caption batch-size x", ["caption", image, "--box", "1,2,30,40", "--batch-size", "x", *model], True),
-        ("cli caption tag-threshold 2", ["caption", image, "--box", "1,2,30,40", "--tag-threshold", "2", *model], True),
-        ("cli caption tag-threshold nan", ["caption", image, "--box", "1,2,30,40", "--tag-threshold", "nan", *model], True),
-        ("cli caption max-new-tokens 0", ["caption", image, "--box", "1,2,30,40", "--max-new-tokens", "0", *model], True),
-        ("cli caption top-attributes -1", ["caption", image, "--box", "1,2,30,40", "--top-attributes", "-1", *model], True),
-        ("cli caption device cuda (none)", ["caption", image, "--box", "1,2,30,40", "--model", paths["model"], "--device", "cuda"], True),
-        ("cli caption device tpu", ["caption", image, "--box", "1,2,30,40", "--model", paths["model"], "--device", "tpu"], True),
-        ("cli caption draw bad folder", ["caption", image, "--box", "1,2,30,40", "--draw", "no/such/out.png", *model], True),
-        ("cli caption draw bad extension", ["caption", image, "--box", "1,2,30,40", "--draw", "out.txt", *model], True),
-        ("cli caption model empty folder", ["caption", image, "--box", "1,2,30,40", "--model", paths["empty_model"]], True),
-        ("cli caption model corrupt weights", ["caption", image, "--box", "1,2,30,40", "--model", paths["corrupt_weights"]], True),
-        ("cli caption model without weights", ["caption", image, "--box", "1,2,30,40", "--model", paths["no_weights"]], True),
-        ("cli caption model config not JSON", ["caption", image, "--box", "1,2,30,40", "--model", paths["config_not_json"]], True),
-        ("cli caption model incomplete config", ["caption", image, "--box", "1,2,30,40", "--model", paths["config_incomplete"]], True),
-        ("cli caption model BERT", ["caption", image, "--box", "1,2,30,40", "--model", paths["config_bert"]], True),
-        ("cli caption model missing tensors", ["caption", image, "--box", "1,2,30,40", "--model", paths["missing_tensors"]], True),
-        ("cli caption model not found", ["caption", image, "--box", "1,2,30,40", "--model", "no/such/model"], True),
+        (
+            "cli caption URL never answers",
+            ["caption", url, "--box", "1,2,30,40", "--timeout", "2", *model],
+            True,
+        ),
+        (
+            "cli caption 16-bit PNG (valid)",
+            ["caption", paths["16bit.png"], "--box", "1,2,30,40", *model],
+            False,
+        ),
+        (
+            "cli caption batch-size 0",
+            ["caption", image, "--box", "1,2,30,40", "--batch-size", "0", *model],
+            True,
+        ),
+        (
+            "cli caption batch-size x",
+            ["caption", image, "--box", "1,2,30,40", "--batch-size", "x", *model],
+            True,
+        ),
+        (
+            "cli caption tag-threshold 2",
+            ["caption", image, "--box", "1,2,30,40", "--tag-threshold", "2", *model],
+            True,
+        ),
+        (
+            "cli caption tag-threshold nan",
+            ["caption", image, "--box", "1,2,30,40", "--tag-threshold", "nan", *model],
+            True,
+        ),
+        (
+            "cli caption max-new-tokens 0",
+            ["caption", image, "--box", "1,2,30,40", "--max-new-tokens", "0", *model],
+            True,
+        ),
+        (
+            "cli caption top-attributes -1",
+            ["caption", image, "--box", "1,2,30,40", "--top-attributes", "-1", *model],
+            True,
+        ),
+        (
+            "cli caption device cuda (none)",
+            ["caption", image, "--box", "1,2,30,40", "--model", paths["model"], "--device", "cuda"],
+            True,
+        ),
+        (
+            "cli caption device tpu",
+            ["caption", image, "--box", "1,2,30,40", "--model", paths["model"], "--device", "tpu"],
+            True,
+        ),
+        (
+            "cli caption draw bad folder",
+            ["caption", image, "--box", "1,2,30,40", "--draw", "no/such/out.png", *model],
+            True,
+        ),
+        (
+            "cli caption draw bad extension",
+            ["caption", image, "--box", "1,2,30,40", "--draw", "out.txt", *model],
+            True,
+        ),
+        (
+            "cli caption model empty folder",
+            ["caption", image, "--box", "1,2,30,40", "--model", paths["empty_model"]],
+            True,
+        ),
+        (
+            "cli caption model corrupt weights",
+            ["caption", image, "--box", "1,2,30,40", "--model", paths["corrupt_weights"]],
+            True,
+        ),
+        (
+            "cli caption model without weights",
+            ["caption", image, "--box", "1,2,30,40", "--model", paths["no_weights"]],
+            True,
+        ),
+        (
+            "cli caption model config not JSON",
+            ["caption", image, "--box", "1,2,30,40", "--model", paths["config_not_json"]],
+            True,
+        ),
+        (
+            "cli caption model incomplete config",
+            ["caption", image, "--box", "1,2,30,40", "--model", paths["config_incomplete"]],
+            True,
+        ),
+        (
+            "cli caption model BERT",
+            ["caption", image, "--box", "1,2,30,40", "--model", paths["config_bert"]],
+            True,
+        ),
+        (
+            "cli caption model missing tensors",
+            ["caption", image, "--box", "1,2,30,40", "--model", paths["missing_tensors"]],
+            True,
+        ),
+        (
+            "cli caption model not found",
+            ["caption", image, "--box", "1,2,30,40", "--model", "no/such/model"],
+            True,
+        ),
         ("cli info empty folder", ["info", paths["empty_model"]], True),
         ("cli info config not JSON", ["info", paths["config_not_json"]], True),
         ("cli info BERT", ["info", paths["config_bert"]], True),
@@ -299,8 +460,42 @@ def cli_cases(paths: dict[str, str], url: str):
         ("cli scene bad extension", ["scene", str(Path(paths["folder"]) / "s.txt")], True),
         ("cli train-demo epochs 0", ["train-demo", "--epochs", "0"], True),
         ("cli train-demo learning-rate nan", ["train-demo", "--learning-rate", "nan"], True),
-        ("cli convert missing files", ["convert", "--dynrefer", "a.pth", "--blip2", "b.pth", "--eva-vit", "c.pth", "--eva-clip", "d.pt", "--output", str(Path(paths["folder"]) / "out")], True),
-        ("cli convert tag-threshold 2", ["convert", "--dynrefer", "a.pth", "--blip2", "b.pth", "--eva-vit", "c.pth", "--eva-clip", "d.pt", "--output", "o", "--tag-threshold", "2"], True),
+        (
+            "cli convert missing files",
+            [
+                "convert",
+                "--dynrefer",
+                "a.pth",
+                "--blip2",
+                "b.pth",
+                "--eva-vit",
+                "c.pth",
+                "--eva-clip",
+                "d.pt",
+                "--output",
+                str(Path(paths["folder"]) / "out"),
+            ],
+            True,
+        ),
+        (
+            "cli convert tag-threshold 2",
+            [
+                "convert",
+                "--dynrefer",
+                "a.pth",
+                "--blip2",
+                "b.pth",
+                "--eva-vit",
+                "c.pth",
+                "--eva-clip",
+                "d.pt",
+                "--output",
+                "o",
+                "--tag-threshold",
+                "2",
+            ],
+            True,
+        ),
         ("cli push not a folder", ["push", "no/such/folder"], True),
         ("cli unknown command", ["frobnicate"], True),
         ("cli unknown option", ["caption", image, "--box", "1,2,30,40", "--no-such-option"], True),
@@ -317,7 +512,10 @@ def run_library_case(function, expect_error: bool) -> tuple[bool, str]:
         message = str(error).splitlines()[0] if str(error) else ""
         return expect_error, f"{type(error).__name__}: {message[:150]}"
     except BaseException as error:  # noqa: BLE001 - classifying every outcome is the point
-        return False, f"UNEXPECTED {type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}"
+        return (
+            False,
+            f"UNEXPECTED {type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}",
+        )
     finally:
         signal.alarm(0)
     return not expect_error, "accepted"
@@ -337,7 +535,10 @@ def run_cli_case(argv: list[str], expect_error: bool) -> tuple[bool, str]:
     except _Hang:
         return False, f"hangs (> {TIME_LIMIT} s)"
     except BaseException as error:  # noqa: BLE001
-        return False, f"traceback: {type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}"
+        return (
+            False,
+            f"traceback: {type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}",
+        )
     finally:
         signal.alarm(0)
     text = err.getvalue().strip()
@@ -376,7 +577,9 @@ def main() -> int:
     unclear = sum(not outcome["clear"] for outcome in outcomes)
     print(f"\n{len(outcomes)} cases, {unclear} unclear")
     if args.out:
-        Path(args.out).write_text(json.dumps({"cases": len(outcomes), "unclear": unclear, "outcomes": outcomes}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({"cases": len(outcomes), "unclear": unclear, "outcomes": outcomes}, indent=1)
+        )
     return 0
 
 

@@ -44,7 +44,9 @@ masks = st.one_of(st.none(), arrays(), st.lists(arrays(), max_size=2))
 options = st.fixed_dictionaries(
     {},
     optional={
-        "view_selection": st.one_of(scalars, st.sampled_from(["random", "task", "image_prior"]), st.lists(numbers, max_size=3)),
+        "view_selection": st.one_of(
+            scalars, st.sampled_from(["random", "task", "image_prior"]), st.lists(numbers, max_size=3)
+        ),
         "task": st.one_of(scalars, st.sampled_from(["attributes", "captioning"])),
         "normalized_boxes": st.booleans(),
         "seed": scalars,
@@ -79,7 +81,9 @@ call_options = st.fixed_dictionaries(
         "tag_threshold": scalars,
         "attribute_top_k": scalars,
         "batch_size": scalars,
-        "controls": st.one_of(scalars, st.lists(st.one_of(scalars, st.lists(st.text(max_size=3), max_size=2)), max_size=3)),
+        "controls": st.one_of(
+            scalars, st.lists(st.one_of(scalars, st.lists(st.text(max_size=3), max_size=2)), max_size=3)
+        ),
         "return_views": scalars,
         "num_beams": scalars,
         "view_selection": st.one_of(scalars, st.lists(numbers, max_size=3)),
@@ -94,5 +98,9 @@ def test_pipeline_gives_a_result_or_a_documented_error(describe, images, boxes, 
         results = describe(images, boxes=boxes, masks=masks, max_new_tokens=2, **kwargs)
     except DOCUMENTED:
         return
-    flat = results if not results or isinstance(results[0], dict) else [r for per_image in results for r in per_image]
+    flat = (
+        results
+        if not results or isinstance(results[0], dict)
+        else [r for per_image in results for r in per_image]
+    )
     assert all(isinstance(result["caption"], str) and len(result["box"]) == 4 for result in flat)

@@ -10,6 +10,7 @@ at once. The public names below are imported on first use either way.
 """
 
 import importlib
+import itertools
 import os
 import sys
 
@@ -28,7 +29,19 @@ _EXPORTS = {
     "draw_views": "visualize",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__", "register"]
+__all__ = [
+    "DynReferConfig",
+    "DynReferForRegionCaptioning",
+    "DynReferImageProcessor",
+    "DynReferOutput",
+    "DynReferPreTrainedModel",
+    "DynReferProcessor",
+    "RegionCaptioningPipeline",
+    "__version__",
+    "draw_regions",
+    "draw_views",
+    "register",
+]
 
 
 def __getattr__(name: str) -> object:
@@ -48,7 +61,13 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+    )
 
     from .configuration_dynrefer import DynReferConfig
     from .image_processing_dynrefer import DynReferImageProcessor
@@ -69,12 +88,15 @@ def register() -> None:
 
 def _started_as_the_command() -> bool:
     """Whether this process is the ``dynrefer`` command: its console script or ``python -m dynrefer_hf.cli``."""
-    if os.path.splitext(os.path.basename(sys.argv[0] if sys.argv else ""))[0] in ("dynrefer", "dynrefer-script"):
+    if os.path.splitext(os.path.basename(sys.argv[0] if sys.argv else ""))[0] in (
+        "dynrefer",
+        "dynrefer-script",
+    ):
         return True
     arguments = getattr(sys, "orig_argv", [])
     return any(
         flag == "-m" and module in ("dynrefer_hf.cli", "dynrefer_hf.cli.__main__")
-        for flag, module in zip(arguments, arguments[1:])
+        for flag, module in itertools.pairwise(arguments)
     )
 
 

@@ -27,9 +27,9 @@ __all__ = [
     "binary_masks",
     "check_bool",
     "check_count",
+    "check_model_folder",
     "check_number",
     "check_probability",
-    "check_model_folder",
     "check_top_k",
     "check_weight_shapes",
     "checked_region_box",
@@ -112,7 +112,9 @@ def check_top_k(name: str, value: Any) -> int | None:
     if value is None:
         return None
     if not _is_integer(value):
-        raise TypeError(f"{name} must be an integer >= 0 or None (all), got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"{name} must be an integer >= 0 or None (all), got {value!r} ({type(value).__name__})"
+        )
     if value < 0:
         raise ValueError(f"{name} must be an integer >= 0 or None (all), got {value}")
     return int(value)
@@ -129,7 +131,9 @@ def binary_masks(masks: Any, name: str = "masks") -> np.ndarray:
     try:
         array = np.asarray(masks)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be a boolean or 0/1 array [N, H, W] (ragged lists are not): {error}") from None
+        raise ValueError(
+            f"{name} must be a boolean or 0/1 array [N, H, W] (ragged lists are not): {error}"
+        ) from None
     if array.dtype == bool:
         return array
     if array.dtype.kind not in "iuf":
@@ -193,7 +197,12 @@ def parse_box_text(text: str) -> list[float]:
     return box
 
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def check_model_folder(folder: str | os.PathLike, model_type: str = "dynrefer") -> None:
@@ -212,7 +221,11 @@ def check_model_folder(folder: str | os.PathLike, model_type: str = "dynrefer") 
         return
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
-        content = "it is empty" if not os.listdir(folder) else f"it holds {', '.join(sorted(os.listdir(folder))[:6])}"
+        content = (
+            "it is empty"
+            if not os.listdir(folder)
+            else f"it holds {', '.join(sorted(os.listdir(folder))[:6])}"
+        )
         raise FileNotFoundError(
             f"{folder} is not a saved model folder: it has no config.json ({content}); save_pretrained writes "
             "config.json and model.safetensors"
@@ -240,7 +253,14 @@ def check_model_folder(folder: str | os.PathLike, model_type: str = "dynrefer") 
         try:
             with open(index_file, encoding="utf-8") as file:
                 shards = sorted(set(json.load(file)["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        except (
+            OSError,
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as error:
             raise ValueError(f"{index_file} is not a readable safetensors index: {error!r}") from None
         for shard in shards:
             path = os.path.join(folder, shard)
@@ -276,12 +296,14 @@ def check_weight_shapes(folder: str | os.PathLike, expected: dict[str, tuple[int
     mismatched = []
     for path in _safetensors_files(folder):
         with safe_open(path, framework="np") as file:
-            for name in file.keys():
+            for name in file.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 shape = tuple(file.get_slice(name).get_shape())
                 if name in expected and tuple(expected[name]) != shape:
                     mismatched.append(f"{name} {list(shape)} (config: {list(expected[name])})")
     if mismatched:
-        shown = "; ".join(mismatched[:3]) + (f"; and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
+        shown = "; ".join(mismatched[:3]) + (
+            f"; and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
+        )
         raise ValueError(
             f"the weights in {folder} do not fit its config.json ({len(mismatched)} tensor(s) of other shapes: "
             f"{shown}): the config is incomplete or belongs to other weights"

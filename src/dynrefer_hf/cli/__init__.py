@@ -55,7 +55,12 @@ def attach_negative_values(argv: list[str], options: tuple[str, ...] = BOX_OPTIO
             joined.extend(argv[index:])
             break
         following = argv[index + 1] if index + 1 < len(argv) else ""
-        if argument in options and len(following) > 1 and following[0] == "-" and following[1] in "0123456789.":
+        if (
+            argument in options
+            and len(following) > 1
+            and following[0] == "-"
+            and following[1] in "0123456789."
+        ):
             joined.append(f"{argument}={following}")
             index += 2
             continue
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dynrefer {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception:  # noqa: BLE001 - a bug: shown with its traceback, then the request to report it
         traceback.print_exc()
         print(
             f"dynrefer {args.command}: an internal error stopped the command; this is a bug in dynrefer_hf, "

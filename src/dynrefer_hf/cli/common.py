@@ -14,10 +14,10 @@ __all__ = [
     "add_model_loading_options",
     "check_device",
     "count",
-    "number",
     "load_config",
     "load_region_captioner",
     "model_or_default",
+    "number",
     "parse_box",
 ]
 
@@ -38,7 +38,7 @@ def add_model_loading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-missing-weights",
         action="store_true",
-        help="use a checkpoint that lacks trained tensors (they are random; refused by default)",
+        help="use a checkpoint that lacks some of the model's tensors (they are random; refused by default)",
     )
     parser.add_argument(
         "--quiet", action="store_true", help="no notice when the embedded demonstration model is used"
@@ -53,7 +53,10 @@ def model_or_default(model: str | None, quiet: bool = False) -> tuple[str, str |
     from ..pipelines.region_captioning import DEFAULT_MODEL, DEMO_MODEL_NOTICE, _is_demo_model
 
     if not quiet and _is_demo_model(DEFAULT_MODEL[0]):
-        print(f"dynrefer: note: {DEMO_MODEL_NOTICE} (--model to choose one, --quiet to hide this)", file=sys.stderr)
+        print(
+            f"dynrefer: note: {DEMO_MODEL_NOTICE} (--model to choose one, --quiet to hide this)",
+            file=sys.stderr,
+        )
     return DEFAULT_MODEL
 
 
@@ -100,7 +103,7 @@ def load_region_captioner(
     """The ``region-captioning`` pipeline for ``model`` on ``device`` (default: CUDA when available).
 
     A model folder broken in the usual ways (empty, no weights, corrupt weights, a config that is not
-    JSON, incomplete or of another model type) or lacking trained tensors (unless
+    JSON, incomplete or of another model type) or lacking some of the model's tensors (unless
     ``allow_missing_weights``) is a `CommandError`, one sentence, before anything large is built.
     """
     from transformers import pipeline
@@ -177,6 +180,8 @@ def number(low: float | None = None, high: float | None = None, low_open: bool =
         try:
             return check_number("the value", float(text), low, high, low_open=low_open)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {number_range_text(low, high, low_open)}") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {number_range_text(low, high, low_open)}"
+            ) from None
 
     return parse

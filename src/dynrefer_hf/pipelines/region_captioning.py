@@ -268,7 +268,7 @@ class RegionCaptioningPipeline(ChunkPipeline):
         timeout: seconds an image download may wait for the server (default 30, ``None``: forever).
         exif_orientation: turn image files and downloads as their EXIF orientation tag says (default
             ``True``, as photo viewers do); ``False`` for upstream's stored pixel order.
-        allow_missing_weights (``pipeline(...)`` argument): use a checkpoint that lacks trained tensors
+        allow_missing_weights (``pipeline(...)`` argument): use a checkpoint that lacks some of the model's tensors
             (they would be random); refused by default, naming them.
         progress_bar: ``True``/``False``, or ``None`` (default) for a bar on a terminal when the
             call needs more than one forward pass.
@@ -296,7 +296,7 @@ class RegionCaptioningPipeline(ChunkPipeline):
         if missing and not check_bool("allow_missing_weights", allow_missing_weights):
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise ValueError(
-                f"the checkpoint {self.model.name_or_path} lacks {len(missing)} trained tensor(s), which would "
+                f"the checkpoint {self.model.name_or_path} lacks {len(missing)} of the model's tensors, which would "
                 f"be random: {shown}; pass allow_missing_weights=True to use it anyway"
             )
         if _is_demo_model(self.model.name_or_path):
