@@ -88,9 +88,11 @@ def register() -> None:
 
 def _started_as_the_command() -> bool:
     """Whether this process is the ``dynrefer`` command: its console script or ``python -m dynrefer_hf.cli``."""
-    if os.path.splitext(os.path.basename(sys.argv[0] if sys.argv else ""))[0] in (
+    # the console script; a user's own `dynrefer.py` does not count (it may rely on the registration)
+    if os.path.basename(sys.argv[0] if sys.argv else "") in (
         "dynrefer",
-        "dynrefer-script",
+        "dynrefer.exe",
+        "dynrefer-script.py",
     ):
         return True
     arguments = getattr(sys, "orig_argv", [])
