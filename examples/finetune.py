@@ -20,7 +20,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer, TrainingArguments, set_seed
 
 import dynrefer_hf  # noqa: F401  (registers the model type)
 from dynrefer_hf.configuration_dynrefer import DEFAULT_TRAINABLE_MODULES
@@ -262,6 +262,7 @@ def trainable_modules(choice: str, model) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    set_seed(args.seed)  # before anything random is built (the LoRA adapters): --seed makes the run repeatable
     use_cpu = not torch.cuda.is_available()
     arguments = TrainingArguments(
         output_dir=args.output_dir,
