@@ -7,21 +7,24 @@ The inputs have upstream's exact key names and the released shapes (tests/upstre
 40 blocks, BLIP-2, the DynRefer checkpoint, Flan-T5-XL as safetensors, the EVA-CLIP text tower) filled with
 random values, so the numbers are those of a real conversion except for the tokenizers (tiny stand-ins). The
 conversion and the reload each run in a fresh process; peak RSS is that process's maximum resident set.
-Prints a table and writes benchmarks/results/bench_convert.json.
+Each step runs once (minutes and tens of GB at the released sizes: no repeated rounds). Prints a table and
+writes benchmarks/results/bench_convert_<scale>.csv (``benchmarks/_common.py`` format): benchmark
+``convert_<scale>``, variant = step (``synthetic_inputs``, ``dynrefer_convert``, ``from_pretrained_fp32``),
+metrics ``wall_once`` (s), ``peak_rss`` and ``size`` (GiB), ``parameters`` and ``from_pretrained_alone`` (s).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, ROOT, git_commit, machine_description, versions, write_results
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 RELOAD = """
@@ -108,9 +111,9 @@ def main() -> None:
     load_seconds, parameters = reload_out.split()[-2:]
 
     rows = [
-        ("inputs (synthetic, upstream layout)", generate_seconds, None, _size_gib(workdir / "upstream")),
-        ("dynrefer convert", convert_seconds, convert_peak, _size_gib(workdir / "converted")),
-        ("AutoModel.from_pretrained (fp32)", reload_seconds, reload_peak, None),
+        ("synthetic_inputs", generate_seconds, None, _size_gib(workdir / "upstream")),
+        ("dynrefer_convert", convert_seconds, convert_peak, _size_gib(workdir / "converted")),
+        ("from_pretrained_fp32", reload_seconds, reload_peak, None),
     ]
     print(f"{'step':<40} {'seconds':>8} {'peak RSS GiB':>13} {'size GiB':>9}")
     for name, seconds, peak, size in rows:
@@ -120,20 +123,23 @@ def main() -> None:
     print(f"parameters: {int(parameters):,}; from_pretrained alone: {float(load_seconds):.1f} s")
     print(convert_out.strip())
 
-    result = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "scale": args.scale,
-        "device": args.device,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "cpu_threads": torch.get_num_threads(),
-        "language_model_dtype": args.language_model_dtype,
-        "parameters": int(parameters),
-        "rows": [{"step": n, "seconds": s, "peak_rss_gib": p, "size_gib": z} for n, s, p, z in rows],
-        "report": convert_out.strip().splitlines(),
-    }
-    out = ROOT / "benchmarks" / "results" / f"bench_convert_{args.scale}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    benchmark = f"convert_{args.scale}"
+    results = []
+    for name, seconds, peak, size in rows:
+        results.append((benchmark, name, "wall_once", seconds, "s"))
+        if peak is not None:
+            results.append((benchmark, name, "peak_rss", peak, "GiB"))
+        if size is not None:
+            results.append((benchmark, name, "size", size, "GiB"))
+    results.append((benchmark, "from_pretrained_fp32", "parameters", int(parameters), "count"))
+    results.append((benchmark, "from_pretrained_fp32", "from_pretrained_alone", float(load_seconds), "s"))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    machine = machine_description(
+        f"{gpu}; text tower on {args.device}; language model {args.language_model_dtype}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    out = RESULTS / f"bench_convert_{args.scale}.csv"
+    write_results(out, results, git_commit(), versions("torch", "transformers", "safetensors"), machine)
     print(f"wrote {out}")
 
 

@@ -1,13 +1,20 @@
 """Benchmark the sampling ops: PyTorch reference vs Triton kernels (vs torchvision's RoIAlign when installed).
 
-    python benchmarks/bench_ops.py              # CUDA device needed; appends to benchmarks/results/bench_ops.csv
+    python benchmarks/bench_ops.py              # CUDA device needed; writes benchmarks/results/bench_ops.csv
     python benchmarks/bench_ops.py --cpu-smoke  # tiny shapes on CPU, reference only: checks the script runs
     TRITON_INTERPRET=1 python benchmarks/bench_ops.py --cpu-smoke --repeats 1  # ... and the kernels, interpreted
 
-For each case it times the forward and the forward+backward (median of CUDA-event timings after warm-up) and
-prints milliseconds, achieved bandwidth and the speed-up over the reference. Bandwidth counts the unique bytes
-the op must touch once (inputs read, outputs written; for the backward also the upstream gradient read and the
-input gradients written) divided by the time. Cases:
+The backends are the operators (``dynrefer::roi_align`` and ``dynrefer::offset_resample`` for the reference,
+``dynrefer::*_triton`` for the kernels, atomic and deterministic backward) and, when importable,
+``torchvision.ops.roi_align``. For each case the forward and the forward+backward of all backends are timed
+interleaved (``benchmarks/_common.py``: warm-up rounds, then ``--repeats`` rounds, each running every backend
+once in alternating order, synchronised on CUDA); the table shows the best round in milliseconds, the achieved
+bandwidth and the speed-up over the reference. Bandwidth counts the unique bytes the op must touch once
+(inputs read, outputs written; for the backward also the upstream gradient read and the input gradients
+written) divided by the time. Rows go to the long results CSV (``_common.write_results``): benchmark
+``<op>_<case>_<dtype>_<pass>``, variant = backend, metrics ``wall_best``/``wall_median`` (ms),
+``gbps_best`` (GB/s), ``peak_share_best`` (% of the card's theoretical bandwidth) and ``speedup_best``/
+``speedup_median`` (x over the reference). Cases:
 
 * roi_align, DynRefer: 64 regions x 3 views = 192 maps of 16x16 with 1408 channels (a channels-last view of the
   ViT patch tokens, as the model passes it), one box per map, 16x16 output, spatial_scale 1/14,
@@ -22,35 +29,20 @@ input gradients written) divided by the time. Cases:
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import functools
 import math
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dynrefer_hf.ops.reference import offset_resample_reference, roi_align_reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, git_commit, interleaved, machine_description, versions, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_ops.csv"
-CSV_FIELDS = [
-    "date",
-    "device",
-    "op",
-    "case",
-    "dtype",
-    "pass",
-    "backend",
-    "ms",
-    "gb_per_s",
-    "speedup_vs_reference",
-]
+import dynrefer_hf.ops  # noqa: F401 (registers the reference operators)
 
 
 @dataclass
@@ -120,7 +112,7 @@ def _offset_resample_case(name, device, dtype, batch, size, channels, group, bac
 
 def _backends(op: str, with_kernels: bool) -> dict[str, Callable[..., torch.Tensor]]:
     if op == "roi_align":
-        backends = {"reference": roi_align_reference}
+        backends = {"reference": torch.ops.dynrefer.roi_align}
         if with_kernels:
             from dynrefer_hf.ops.triton_roi_align import roi_align_triton
 
@@ -133,7 +125,7 @@ def _backends(op: str, with_kernels: bool) -> dict[str, Callable[..., torch.Tens
             else:
                 backends["torchvision"] = torchvision_roi_align  # same positional arguments
         return backends
-    backends = {"reference": offset_resample_reference}
+    backends = {"reference": torch.ops.dynrefer.offset_resample}
     if with_kernels:
         from dynrefer_hf.ops.triton_offset_resample import offset_resample_triton
 
@@ -167,64 +159,46 @@ def build_cases(device: torch.device, smoke: bool) -> list[Case]:
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on GPU)."""
-    for _ in range(warmup):
+def _synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    def run() -> None:
         fn()
-    _synchronize(device)
-    times = []
-    for _ in range(repeats):
         if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+            torch.cuda.synchronize(device)
 
-
-def _measure(fn, inputs, grad_inputs, device, warmup, repeats) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of ``fn(*inputs)``."""
-    upstream = torch.randn_like(fn(*inputs))
-    forward = time_ms(lambda: fn(*inputs), device, warmup, repeats)
-    both = time_ms(lambda: torch.autograd.grad(fn(*inputs), grad_inputs, upstream), device, warmup, repeats)
-    return forward, both
+    return run
 
 
 def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> list[dict]:
+    """Best and median milliseconds of every backend, forward and forward+backward, timed interleaved."""
     tensors = case.make_inputs()
-    rows = []
+    grad_inputs = tensors[: case.grad_inputs]
+    passes = {"forward": {}, "forward+backward": {}}
     for backend, op in case.backends.items():
-        fn = functools.partial(_call_with_config, op, case.config)
+        fn = functools.partial(_call_with_config, op, case.config, *tensors)
         try:
-            forward, both = _measure(fn, tensors, tensors[: case.grad_inputs], device, warmup, repeats)
+            upstream = torch.randn_like(fn())
         except (RuntimeError, NotImplementedError) as error:  # OOM, a dtype torchvision lacks, ...
             print(f"{case.op}/{case.name}/{backend}: skipped ({str(error).splitlines()[0]})", file=sys.stderr)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        for name, ms, nbytes in (
-            ("forward", forward, case.forward_bytes),
-            ("forward+backward", both, case.forward_bytes + case.backward_bytes),
-        ):
-            dtype = str(case.dtype).removeprefix("torch.")
+        passes["forward"][backend] = _synchronized(fn, device)
+        passes["forward+backward"][backend] = _synchronized(
+            lambda fn=fn, upstream=upstream: torch.autograd.grad(fn(), grad_inputs, upstream), device
+        )
+    rows = []
+    for name, variants in passes.items():
+        nbytes = case.forward_bytes + (case.backward_bytes if name != "forward" else 0)
+        timings = interleaved(variants, rounds=repeats, warmup=warmup)
+        reference = timings.get("reference")
+        for backend, timing in timings.items():
+            best, median = timing.best * 1e3, timing.median * 1e3
             rows.append({
-                "op": case.op, "case": case.name, "dtype": dtype, "pass": name, "backend": backend, "ms": ms,
-                "gb_per_s": nbytes / ms / 1e6,
+                "op": case.op, "case": case.name, "dtype": str(case.dtype).removeprefix("torch."), "pass": name,
+                "backend": backend, "ms": best, "ms_median": median, "gb_per_s": nbytes / best / 1e6,
+                "speedup_vs_reference": reference.best * 1e3 / best if reference else float("nan"),
+                "speedup_median": reference.median * 1e3 / median if reference else float("nan"),
             })  # fmt: skip
-    for row in rows:
-        same_pass = (r["ms"] for r in rows if r["backend"] == "reference" and r["pass"] == row["pass"])
-        row["speedup_vs_reference"] = next(same_pass, float("nan")) / row["ms"]
     return rows
 
 
@@ -257,29 +231,33 @@ def print_table(rows: list[dict], peak: float | None) -> None:
         )
 
 
-def append_csv(rows: list[dict], device_name: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not path.exists()
-    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        if new_file:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({
-                **row, "date": date, "device": device_name, "ms": f"{row['ms']:.4f}",
-                "gb_per_s": f"{row['gb_per_s']:.1f}", "speedup_vs_reference": f"{row['speedup_vs_reference']:.2f}",
-            })  # fmt: skip
+def result_rows(rows: list[dict], peak: float | None) -> list[tuple[str, str, str, float, str]]:
+    """The measurements as ``(benchmark, variant, metric, value, unit)`` rows of the results CSV."""
+    out = []
+    for r in rows:
+        benchmark = f"{r['op']}_{r['case']}_{r['dtype']}_{r['pass']}"
+        out += [
+            (benchmark, r["backend"], "wall_best", r["ms"], "ms"),
+            (benchmark, r["backend"], "wall_median", r["ms_median"], "ms"),
+            (benchmark, r["backend"], "gbps_best", r["gb_per_s"], "GB/s"),
+            (benchmark, r["backend"], "speedup_best", r["speedup_vs_reference"], "x"),
+            (benchmark, r["backend"], "speedup_median", r["speedup_median"], "x"),
+        ]
+        if peak:
+            out.append((benchmark, r["backend"], "peak_share_best", 100 * r["gb_per_s"] / peak, "%"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, reference only, on CPU")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per measurement")
     parser.add_argument(
-        "--warmup", type=int, default=3, help="untimed runs first (includes Triton compilation)"
+        "--warmup", type=int, default=3, help="untimed rounds first (includes Triton compilation)"
     )
-    parser.add_argument("--csv", type=Path, default=RESULTS, help="CSV to append to (GPU runs only)")
+    parser.add_argument(
+        "--csv", type=Path, help="results CSV to write (default on CUDA: benchmarks/results/bench_ops.csv)"
+    )
     args = parser.parse_args(argv)
 
     if args.cpu_smoke:
@@ -298,10 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in build_cases(device, smoke=args.cpu_smoke):
         rows += run_case(case, device, args.warmup, args.repeats)
-    print_table(rows, peak_bandwidth_gb_per_s(device))
-    if device.type == "cuda":
-        append_csv(rows, device_name, args.csv)
-        print(f"appended {len(rows)} rows to {args.csv}")
+    peak = peak_bandwidth_gb_per_s(device)
+    print_table(rows, peak)
+    path = args.csv or (RESULTS / "bench_ops.csv" if device.type == "cuda" else None)
+    if path is not None:
+        machine = machine_description(f"GPU {device_name}" if device.type == "cuda" else "no GPU")
+        machine += f"; torch threads {torch.get_num_threads()}"
+        write_results(
+            path, result_rows(rows, peak), git_commit(), versions("torch", "triton", "torchvision"), machine
+        )
+        print(f"wrote {path}")
     return 0
 
 

@@ -9,6 +9,10 @@ apply (integer arguments equal to 1 become constants, multiples of 16 and all po
 down to a cubin. The table shows registers per thread, spilled stack bytes and the number of 128-bit global
 loads/stores in the PTX: what the block sizes in ``ops/triton_*.py`` were chosen by. It also catches errors
 that only the compiler (not the interpreter) reports. Needs Triton's bundled ``ptxas``/``cuobjdump``.
+
+The figures also go to ``benchmarks/results/compile_kernels_sm<arch>.csv`` (``--csv`` to choose; the
+``benchmarks/_common.py`` long format): benchmark ``compile_sm<arch>``, variant ``<pass> <dtype>: <kernel>``,
+metrics ``registers`` (per thread), ``stack`` and ``shared`` (bytes), ``v4_loads`` and ``v4_stores``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: the real compiler, not the interpreter
 
@@ -28,6 +33,11 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from dynrefer_hf.ops import triton_offset_resample, triton_roi_align
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, git_commit, machine_description, versions, write_results
+
+RESOURCE_UNITS = {"REG": ("registers", "count"), "STACK": ("stack", "bytes"), "SHARED": ("shared", "bytes")}
 
 POINTER_TYPES = {
     torch.float64: "*fp64", torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
@@ -120,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], nargs="+",
                         default=["float32", "bfloat16"])  # fmt: skip
+    parser.add_argument(
+        "--csv", type=Path, help="results CSV (default: results/compile_kernels_sm<arch>.csv)"
+    )
     args = parser.parse_args(argv)
+    rows = []
     print(f"{'pass':<50}{'kernel':<40}{'blocks':<36}{'resources':<32}{'v4 ld/st':>9}")
     for dtype_name in args.dtype:
         for label, launches in dynrefer_launches(getattr(torch, dtype_name)).items():
@@ -128,11 +142,23 @@ def main(argv: list[str] | None = None) -> int:
                 compiled = compile_launch(kernel, launch_args, kwargs, args.arch)
                 ptx = compiled.asm["ptx"]
                 blocks = ",".join(f"{k[6:]}={v}" for k, v in kwargs.items() if k.startswith("BLOCK_"))
-                vectors = f"{ptx.count('ld.global.v4')}/{ptx.count('st.global.v4')}"
+                loads, stores = ptx.count("ld.global.v4"), ptx.count("st.global.v4")
+                resources = resource_usage(compiled)
                 print(
                     f"{label + ' ' + dtype_name:<50}{kernel.fn.__name__:<40}{blocks:<36}"
-                    f"{resource_usage(compiled):<32}{vectors:>9}"
+                    f"{resources:<32}{f'{loads}/{stores}':>9}"
                 )
+                variant = f"{label} {dtype_name}: {kernel.fn.__name__} ({blocks})"
+                for field in resources.split():
+                    key, value = field.split(":")
+                    metric, unit = RESOURCE_UNITS[key]
+                    rows.append((f"compile_sm{args.arch}", variant, metric, float(value), unit))
+                rows.append((f"compile_sm{args.arch}", variant, "v4_loads", loads, "count"))
+                rows.append((f"compile_sm{args.arch}", variant, "v4_stores", stores, "count"))
+    path = args.csv or RESULTS / f"compile_kernels_sm{args.arch}.csv"
+    machine = machine_description(f"no GPU needed (ahead-of-time compile for sm_{args.arch})")
+    write_results(path, rows, git_commit(), versions("torch", "triton"), machine)
+    print(f"wrote {path}")
     return 0
 
 

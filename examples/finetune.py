@@ -30,9 +30,9 @@ from dynrefer_hf.processing_dynrefer import DynReferProcessor
 from dynrefer_hf.shapes import shapes_split
 from dynrefer_hf.training import (
     UPSTREAM_LORA_TARGETS,
-    CaptionEmbeddingTrainer,
-    CaptionTextCollator,
+    CaptionEmbeddingCollator,
     OneRegionPerSample,
+    RegionTrainer,
     RegionTrainingCollator,
     add_language_model_lora,
     bag_of_words_embeddings,
@@ -230,7 +230,7 @@ class CaptionsOnlyCollator:
 
 
 def caption_encoder(args, model, tiny: bool):
-    """``captions -> [R, text_embed_dim]`` for the contrastive loss, or ``None`` (no ``loss_att``)."""
+    """``captions -> [R, text_embed_dim]`` for the contrastive loss, or ``None`` (no ``loss_region_text``)."""
     choice = args.caption_embeddings
     if choice == "auto":
         choice = "bag-of-words" if tiny else "text-encoder" if model.text_encoder is not None else "none"
@@ -319,7 +319,10 @@ def main(argv=None) -> None:
     if args.captions_only:
         collator = CaptionsOnlyCollator(collator)
     if encode_captions is not None:
-        collator = CaptionTextCollator(collator)
+        collator = CaptionEmbeddingCollator(collator, encode_captions)
+    # the label losses are the model's (0 turns one off); RegionTrainer only logs the parts and keeps LoRA checkpoints
+    model.config.attribute_label_loss_weight = args.attribute_loss_weight
+    model.config.class_label_loss_weight = args.class_loss_weight
 
     trained = model
     if args.lora:
@@ -334,15 +337,7 @@ def main(argv=None) -> None:
             + (" + LoRA adapters" if args.lora else "")
         )
 
-    trainer = CaptionEmbeddingTrainer(
-        model=trained,
-        args=arguments,
-        train_dataset=train_dataset,
-        data_collator=collator,
-        caption_encoder=encode_captions,
-        attribute_loss_weight=args.attribute_loss_weight,
-        class_loss_weight=args.class_loss_weight,
-    )
+    trainer = RegionTrainer(model=trained, args=arguments, train_dataset=train_dataset, data_collator=collator)
     resume = args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
 

@@ -1,5 +1,6 @@
-"""Real multi-process runs on CPU (gloo): the distributed contrastive loss and its gradients, Trainer steps
-under DistributedDataParallel, and examples/finetune.py under torchrun and accelerate launch.
+"""Real multi-process runs on CPU (gloo): the distributed contrastive loss and its gradients, steps of a plain
+transformers Trainer training every head under DistributedDataParallel, and examples/finetune.py under
+torchrun and accelerate launch.
 
 Each launch starts two Python processes that import torch and transformers (~10 s each on a loaded CPU), so
 one worker script does several checks and writes what it saw; the assertions run here, against references
@@ -67,8 +68,8 @@ WORKER = textwrap.dedent(
     from tiny import make_tiny_config, make_tiny_tokenizer
     from test_distributed import EXAMPLE, SPLITS, TINY_RUN, contrastive_inputs, contrastive_model
     from dynrefer_hf.shapes import SHAPES_VOCABULARY, shapes_split
-    from dynrefer_hf.training import RegionTrainingCollator
-    from dynrefer_hf.training import CaptionEmbeddingTrainer, CaptionTextCollator
+    from transformers import Trainer
+    from dynrefer_hf.training import CaptionEmbeddingCollator, RegionTrainingCollator
     from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
     from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning
     from dynrefer_hf.processing_dynrefer import DynReferProcessor
@@ -85,13 +86,13 @@ WORKER = textwrap.dedent(
         rows = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
         model = contrastive_model()
         output = model(pixel_values[rows], view_boxes[rows], caption_embeds=caption_embeds[rows])
-        output.loss_att.backward()
+        output.loss_region_text.backward()
         grads = {}
         for name, parameter in model.named_parameters():
             if parameter.grad is not None:
                 dist.all_reduce(parameter.grad)  # what DDP does: sum, then divide by the world size
                 grads[name] = parameter.grad / world
-        result[split] = {"loss": output.loss_att.item(), "logits": output.contrastive_logits.detach()}
+        result[split] = {"loss": output.loss_region_text.item(), "logits": output.contrastive_logits.detach()}
         if rank == 0:
             torch.save(grads, os.path.join(out, f"grads_{split}.pt"))
 
@@ -105,6 +106,9 @@ WORKER = textwrap.dedent(
     )
     torch.manual_seed(0)
     model = DynReferForRegionCaptioning(config)
+    with torch.no_grad():  # distinct label embeddings
+        for table in (model.clip_embeds, model.att_embeds, model.ov_embeds):
+            table.normal_()
     # tokenizer training is not reproducible across processes: every rank uses rank 0's
     if rank == 0:
         make_tiny_tokenizer().save_pretrained(os.path.join(out, "tokenizer"))
@@ -112,8 +116,10 @@ WORKER = textwrap.dedent(
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
     processor = DynReferProcessor(DynReferImageProcessor(size={"height": 56, "width": 56}), tokenizer)
     scenes = shapes_split("train", 4, seed=3)
-    collator = CaptionTextCollator(RegionTrainingCollator(processor, vocabulary, seed=rank))
     encode = lambda captions: bag_of_words_embeddings(captions, vocabulary.tags, config.text_embed_dim)
+    # every head: captions, tags, region-caption contrastive, attribute and class labels
+    collator = CaptionEmbeddingCollator(RegionTrainingCollator(processor, vocabulary, seed=rank), encode)
+    model.config.attribute_label_loss = "group_softmax"
     fixed_views = RegionTrainingCollator(
         processor, vocabulary, view_selection=[0.5, 0.25], use_controls=False
     )
@@ -126,7 +132,7 @@ WORKER = textwrap.dedent(
         with torch.no_grad():
             return model(**fixed).loss.item()
 
-    seen = []
+    seen, parts = [], []
     class RecordingCollator:
         def __call__(self, records):
             seen.append([record["image_id"] for record in records])
@@ -140,12 +146,17 @@ WORKER = textwrap.dedent(
         logging_steps=1, report_to=[], remove_unused_columns=False, use_cpu=True, save_strategy="no",
         disable_tqdm=True, ddp_find_unused_parameters=True, seed=0,
     )
-    trainer = CaptionEmbeddingTrainer(
-        model=model, args=arguments, train_dataset=scenes, data_collator=RecordingCollator(),
-        caption_encoder=encode, attribute_loss_weight=1.0, class_loss_weight=1.0,
-        attribute_loss="group_softmax",
+    class RecordingTrainer(Trainer):  # a plain Trainer that notes which loss parts the model computed
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            parts.append(sorted(key for key in outputs.keys() if key.startswith("loss_")))
+            return (loss, outputs) if return_outputs else loss
+
+    trainer = RecordingTrainer(
+        model=model, args=arguments, train_dataset=scenes, data_collator=RecordingCollator()
     )
     trainer.train()
+    result["loss_parts"] = parts
     result["loss_after"] = fixed_loss()
     result["images_seen"] = seen
     result["trainer_is_distributed"] = trainer.model_wrapped is not model
@@ -282,7 +293,7 @@ def test_contrastive_loss_under_two_ranks_equals_the_whole_batch_loss(worker_res
                 )
     # equal shares: the mean over ranks (what DDP trains on) is the single-process loss of the whole batch
     mean = sum(result["equal"]["loss"] for result in ranks) / 2
-    assert mean == pytest.approx(single.loss_att.item(), rel=1e-5)
+    assert mean == pytest.approx(single.loss_region_text.item(), rel=1e-5)
     assert ranks[0]["equal"]["loss"] != pytest.approx(ranks[1]["equal"]["loss"], rel=1e-3)  # shares differ
 
 
@@ -300,7 +311,7 @@ def test_ddp_averaged_gradients_follow_the_gathered_constants_rule(worker_result
 
     # against the single-process gradient of the whole batch: equal after the gather, different before it
     model = contrastive_model()
-    model(pixel_values, view_boxes, caption_embeds=caption_embeds).loss_att.backward()
+    model(pixel_values, view_boxes, caption_embeds=caption_embeds).loss_region_text.backward()
     single = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     after = [name for name in single if name.startswith(AFTER_GATHER) or name in ("attr_t", "attr_b")]
     assert "attr_t" in after and any(name.startswith("attr_head.") for name in after)
@@ -322,6 +333,8 @@ def test_trainer_steps_under_ddp_keep_ranks_identical_and_lower_the_loss(worker_
     for result in ranks:
         assert result["loss_after"] < result["loss_before"] * 0.97
         assert len(result["losses"]) == 6
+        every_head = ["loss_attribute", "loss_caption", "loss_class", "loss_region_text", "loss_tag"]
+        assert result["loss_parts"] == [every_head] * 6
 
 
 def _check_saved_model(folder: Path) -> None:

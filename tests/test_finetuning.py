@@ -11,8 +11,9 @@ from dynrefer_hf.data import validate_region_record
 from dynrefer_hf.shapes import SHAPES_VOCABULARY, shapes_split
 from dynrefer_hf.training import (
     UPSTREAM_LORA_TARGETS,
+    CaptionEmbeddingCollator,
     CaptionEmbeddingTrainer,
-    CaptionTextCollator,
+    RegionTrainer,
     OneRegionPerSample,
     add_language_model_lora,
     language_model_lora_config,
@@ -135,17 +136,10 @@ def test_lora_config_rejects_bad_targets():
         add_language_model_lora(make_tiny_model(), language_model_lora_config(targets=["query"]))
 
 
-def test_caption_collator_and_trainer_feed_the_contrastive_loss(tmp_path):
+def test_caption_embedding_collator_feeds_the_contrastive_loss(tmp_path):
     from transformers import TrainingArguments
 
     pixel_values, view_boxes = _views(regions=3)
-    records = [{"captions": ["a", "b"]}, {"captions": ["c"]}]
-    collator = CaptionTextCollator(lambda records: {"pixel_values": pixel_values, "view_boxes": view_boxes})
-    batch = collator(records)
-    assert batch["captions"] == ["a", "b", "c"]
-    with pytest.raises(ValueError, match="3 regions"):
-        collator([{"captions": ["a"]}])
-
     model = make_tiny_model()
     seen = []
 
@@ -155,15 +149,30 @@ def test_caption_collator_and_trainer_feed_the_contrastive_loss(tmp_path):
             len(captions), model.config.text_embed_dim, generator=torch.Generator().manual_seed(1)
         )
 
-    arguments = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
-    trainer = CaptionEmbeddingTrainer(model=model, args=arguments, caption_encoder=encode)
-    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    records = [{"boxes": [[0, 0, 1, 1]] * 2, "captions": ["a", "b"]}, {"boxes": [[0, 0, 1, 1]], "captions": ["c"]}]
+    collator = CaptionEmbeddingCollator(
+        lambda records: {"pixel_values": pixel_values, "view_boxes": view_boxes}, encode
+    )
+    batch = collator(records)
     assert seen == [["a", "b", "c"]]
-    expected = model(pixel_values, view_boxes, caption_embeds=encode(["a", "b", "c"])).loss_att
+    torch.testing.assert_close(batch["caption_embeds"], encode(["a", "b", "c"]))
+    with pytest.raises(ValueError, match="3 regions"):
+        collator([{"boxes": [[0, 0, 1, 1]], "captions": ["a"]}])
+
+    arguments = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = RegionTrainer(model=model, args=arguments)
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    expected = model(pixel_values, view_boxes, caption_embeds=batch["caption_embeds"]).loss_region_text
     torch.testing.assert_close(loss, expected)
     assert outputs.contrastive_logits.shape == (3, 3)
-    with pytest.raises(ValueError, match="CaptionTextCollator"):
+    with pytest.raises(ValueError, match="no target"):
         trainer.compute_loss(model, {"pixel_values": pixel_values, "view_boxes": view_boxes})
+    with pytest.warns(FutureWarning, match="CaptionEmbeddingTrainer"):
+        shim = CaptionEmbeddingTrainer(model=model, args=arguments, caption_encoder=encode, data_collator=len)
+    assert isinstance(shim, RegionTrainer) and isinstance(shim.data_collator, CaptionEmbeddingCollator)
+    with pytest.warns(FutureWarning, match="attribute_label_loss"):
+        RegionTrainer(model=model, args=arguments, attribute_loss="group_softmax")
+    assert model.config.attribute_label_loss == "group_softmax"
 
     # upstream's weight-decay rule: matrices only, no biases, norms, cem_memory or the logit scale and bias
     decayed = set(trainer.get_decay_parameter_names(model))
@@ -220,9 +229,7 @@ def test_lora_checkpoints_keep_the_other_trained_modules_and_resume(tmp_path):
             remove_unused_columns=False,
             disable_tqdm=True,
         )
-        trainer = CaptionEmbeddingTrainer(
-            model=model, args=arguments, train_dataset=examples, data_collator=collate
-        )
+        trainer = RegionTrainer(model=model, args=arguments, train_dataset=examples, data_collator=collate)
         trainer.train(resume_from_checkpoint=resume)
         return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 

@@ -96,9 +96,11 @@ def test_forward_backward_of_every_loss(tokenizer):
         caption_embeds=caption_embeds,
         **make_batch(tokenizer),
     )
-    for name in ("loss_llm", "loss_tag", "loss_att"):
+    with pytest.warns(FutureWarning, match="loss_region_text"):
+        torch.testing.assert_close(out["loss_att"], out.loss_region_text)  # the deprecated name still reads
+    for name in ("loss_caption", "loss_tag", "loss_region_text"):
         assert torch.isfinite(out[name]) and out[name].item() > 0, name
-    assert torch.allclose(out.loss, out.loss_llm + out.loss_tag + out.loss_att)
+    assert torch.allclose(out.loss, out.loss_caption + out.loss_tag + out.loss_region_text)
     assert out.logits.shape[:2] == make_batch(tokenizer)["labels"].shape
     assert out.tag_logits.shape == (REGIONS, 12) and out.contrastive_logits.shape == (REGIONS, REGIONS)
     assert out.region_queries.shape == (REGIONS, 4, 32)
@@ -117,10 +119,10 @@ def test_each_loss_alone(tokenizer):
     model = make_tiny_model().train()
     pixel_values, view_boxes = make_views()
     only_tags = model(pixel_values, view_boxes, tag_labels=torch.ones(REGIONS, 12))
-    assert only_tags.loss_llm is None and only_tags.loss_att is None
+    assert only_tags.loss_caption is None and only_tags.loss_region_text is None
     assert torch.equal(only_tags.loss, only_tags.loss_tag)
     only_llm = model(pixel_values, view_boxes, **make_batch(tokenizer))
-    assert torch.equal(only_llm.loss, only_llm.loss_llm)
+    assert torch.equal(only_llm.loss, only_llm.loss_caption)
     assert model(pixel_values, view_boxes).loss is None
 
 
@@ -199,7 +201,7 @@ def test_contrastive_loss_matches_the_formula():
     logits = direct_region_caption_logits(model, out.region_queries, caption_embeds)
     assert torch.allclose(out.contrastive_logits, logits, atol=1e-5)
     expected = 0.5 * (direct_sigmoid_loss(logits, 0) + direct_sigmoid_loss(logits.T, 0)) / 2
-    assert math.isclose(out.loss_att.item(), expected, rel_tol=1e-5)
+    assert math.isclose(out.loss_region_text.item(), expected, rel_tol=1e-5)
 
 
 def test_contrastive_loss_across_ranks(monkeypatch):
@@ -234,8 +236,8 @@ def test_contrastive_loss_across_ranks(monkeypatch):
     t2i, i2t = logits[2:], logits[:, 2:].T  # this rank's regions / this rank's captions against everything
     assert torch.allclose(out.contrastive_logits, t2i, atol=1e-5)
     expected = 0.5 * (direct_sigmoid_loss(t2i, 2) + direct_sigmoid_loss(i2t, 2)) / 2
-    assert math.isclose(out.loss_att.item(), expected, rel_tol=1e-5)
-    out.loss_att.backward()  # the local slice keeps its gradient
+    assert math.isclose(out.loss_region_text.item(), expected, rel_tol=1e-5)
+    out.loss_region_text.backward()  # the local slice keeps its gradient
     assert (
         model.attr_vision_proj.weight.grad.abs().sum() > 0
         and model.attr_text_proj.weight.grad.abs().sum() > 0
@@ -701,7 +703,9 @@ def test_ln_vision_eps_and_return_tuple():
     pixel_values, view_boxes = make_views()
     with torch.no_grad():
         as_tuple = model(pixel_values, view_boxes, return_dict=False)
-    assert isinstance(as_tuple, tuple) and as_tuple[-1].shape == (REGIONS, 4, 32)
+    # loss parts and logits absent without targets: (tag_logits, region_queries, vision, Q-Former outputs)
+    assert isinstance(as_tuple, tuple) and as_tuple[1].shape == (REGIONS, 4, 32)
+    assert isinstance(as_tuple[2], tuple) and isinstance(as_tuple[3], tuple)
 
 
 def test_trainable_switch(tmp_path):
@@ -814,8 +818,8 @@ def test_causal_language_model_variant(tokenizer):
     expected = F.cross_entropy(
         caption_logits.reshape(-1, caption_logits.shape[-1]), labels.reshape(-1), ignore_index=-100
     )
-    assert torch.allclose(out.loss_llm, expected, atol=1e-5)
-    out.loss_llm.backward()
+    assert torch.allclose(out.loss_caption, expected, atol=1e-5)
+    out.loss_caption.backward()
     assert model.language_projection.weight.grad is not None and model.cem_memory.grad.abs().sum() > 0
     records = model.describe_regions(pixel_values, view_boxes, tokenizer, max_new_tokens=3)
     assert len(records) == REGIONS and all(isinstance(r["caption"], str) for r in records)
@@ -899,3 +903,51 @@ def test_bad_targets_raise(tokenizer):
         model(pixel_values, view_boxes, input_ids=torch.zeros(REGIONS + 1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="controls"):
         model.describe_regions(pixel_values, view_boxes, tokenizer, controls=[["a"]])
+
+
+def test_nested_outputs_decoder_input_ids_and_eager_attention(tokenizer):
+    model = make_tiny_model()
+    pixel_values, view_boxes = make_views()
+    decoder_input_ids = torch.tensor([[0, 5, 6], [0, 7, 8]])[: pixel_values.shape[0]]
+    with torch.no_grad():
+        sdpa = model(pixel_values, view_boxes)
+        model.set_attn_implementation("eager")  # attention weights need eager; the label heads follow the config
+        assert model.tag_head.encoder.layer[0].crossattention.self.config._attn_implementation == "eager"
+        out = model(
+            pixel_values,
+            view_boxes,
+            decoder_input_ids=decoder_input_ids,
+            output_attentions=True,
+            output_hidden_states=True,
+        )
+    config = model.config
+    regions, views = pixel_values.shape[:2]
+    assert out.loss is None and out.logits.shape == (regions, 3, config.text_config.vocab_size)
+    vision, qformer, language = out.vision_outputs, out.qformer_outputs, out.language_model_outputs
+    assert len(vision.hidden_states) == config.vision_config.num_hidden_layers + 1
+    assert vision.hidden_states[0].shape[0] == regions * views and len(vision.attentions) == 2
+    assert len(qformer.hidden_states) == config.qformer_config.num_hidden_layers + 1
+    assert len(language.decoder_hidden_states) == config.text_config.num_decoder_layers + 1
+    torch.testing.assert_close(sdpa.tag_logits, out.tag_logits, rtol=1e-2, atol=1e-2)  # bf16-rounded
+    with pytest.warns(FutureWarning, match="loss_caption"):
+        assert out.loss_llm is None
+
+
+def test_missing_language_model_weights_get_t5_initialisation(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny_model()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    missing = [key for key in state if key.startswith("language_model.") and ".SelfAttention.q." in key]
+    for key in missing:
+        state.pop(key)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = DynReferForRegionCaptioning.from_pretrained(tmp_path)
+    text = model.config.text_config
+    q = loaded.language_model.encoder.block[0].layer[0].SelfAttention.q.weight
+    # T5: q ~ N(0, (d_model * d_kv) ** -0.5); a left-over N(0, 1) would be 16 times wider
+    assert q.std().item() == pytest.approx((text.d_model * text.d_kv) ** -0.5, rel=0.25)
+    k = "language_model.encoder.block.0.layer.0.SelfAttention.k.weight"
+    torch.testing.assert_close(loaded.state_dict()[k], model.state_dict()[k])  # loaded weights untouched
+    assert torch.count_nonzero(DynReferForRegionCaptioning(model.config).clip_embeds) == 0  # deterministic tables

@@ -438,9 +438,7 @@ def test_backend_resolution(monkeypatch):
 
 
 def test_missing_kernel_falls_back_in_auto_and_fails_when_asked(monkeypatch):
-    monkeypatch.setitem(
-        ops._KERNEL_MODULES, "roi_align", ("dynrefer_hf.ops.no_such_kernel", "roi_align_triton")
-    )
+    monkeypatch.setitem(ops._KERNEL_MODULES, "roi_align", "dynrefer_hf.ops.no_such_kernel")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     input, rois = torch.randn(1, 2, 5, 5), torch.tensor([[0.0, 0.5, 0.5, 3.0, 4.0]])
     expected = roi_align(input, rois, 2, backend="reference")
@@ -466,3 +464,110 @@ def test_import_and_auto_backend_without_triton():
     )
     assert result.returncode == 0, result.stderr
     assert "torch.Size([1, 4, 4, 8])" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ operators
+
+
+def _roi_case(dtype=torch.float64):
+    generator = torch.Generator().manual_seed(12)
+    input = torch.randn(2, 3, 6, 7, generator=generator, dtype=dtype, requires_grad=True)
+    rois = torch.tensor(
+        [[0, 0.3, 0.8, 4.1, 5.2], [1, -1.5, 2.0, 3.3, 9.0], [1, 2.2, 2.2, 2.2, 2.2], [0, 4.0, 3.5, 8.5, 7.9]],
+        dtype=dtype,
+    )
+    return input, rois
+
+
+def _offset_case(dtype=torch.float64):
+    generator = torch.Generator().manual_seed(13)
+    value = torch.randn(2, 4, 5, 8, generator=generator, dtype=dtype, requires_grad=True)
+    offset_mask = (torch.randn(2, 4, 5, 56, generator=generator, dtype=dtype) * 2).requires_grad_()
+    return value, offset_mask
+
+
+DCN_ARGS = ([3, 3], [1, 1], [1, 1], [1, 1], 2, 1.0, False)
+
+
+@pytest.mark.parametrize("sampling_ratio, aligned", [(2, False), (-1, True)])
+def test_roi_align_operator_opcheck(sampling_ratio, aligned):
+    """Schema, fake implementation, autograd registration and AOT tracing of dynrefer::roi_align."""
+    input, rois = _roi_case()
+    for args in ((input, rois), (input.float(), rois.float())):
+        result = torch.library.opcheck(
+            torch.ops.dynrefer.roi_align, (*args, [3, 2], 0.5, sampling_ratio, aligned)
+        )
+        assert set(result.values()) == {"SUCCESS"}, result
+    assert torch.autograd.gradcheck(
+        lambda x: torch.ops.dynrefer.roi_align(x, rois, [3, 2], 0.5, sampling_ratio, aligned), (input,)
+    )
+
+
+def test_offset_resample_operator_opcheck():
+    value, offset_mask = _offset_case()
+    for args in ((value, offset_mask), (value.float(), offset_mask.float())):
+        result = torch.library.opcheck(torch.ops.dynrefer.offset_resample, (*args, *DCN_ARGS))
+        assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_backward_operators_match_autograd_of_the_reference():
+    """The explicit backward operators give the gradients autograd computes through the reference."""
+    input, rois = _roi_case()
+    grad = torch.randn(4, 3, 3, 2, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(
+        ops.reference.roi_align_reference(input, rois, (3, 2), 0.5, -1, False), input, grad
+    )
+    (actual,) = torch.autograd.grad(roi_align(input, rois, (3, 2), 0.5, -1, **REF), input, grad)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    value, offset_mask = _offset_case()
+    out = offset_resample(value, offset_mask, group=2, **REF)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    expected = torch.autograd.grad(
+        ops.reference.offset_resample_reference(
+            value, offset_mask, (3, 3), (1, 1), (1, 1), (1, 1), 2, 1.0, False
+        ),
+        (value, offset_mask),
+        grad,
+    )
+    torch.testing.assert_close(torch.autograd.grad(out, (value, offset_mask), grad), expected, rtol=0, atol=0)
+
+
+def test_autocast_computes_in_float32_like_torchvision():
+    """Inside CPU autocast: float32 math for float32 inputs, mixed box/input dtypes accepted (torchvision's rule)."""
+    input, rois = _roi_case(torch.float32)
+    expected = roi_align(input, rois, 4, 0.5, 2, **REF)
+    value, offset_mask = _offset_case(torch.float32)
+    expected_dcn = offset_resample(value, offset_mask, group=2, **REF)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = roi_align(input, rois, 4, 0.5, 2, **REF)
+        mixed = roi_align(input.bfloat16(), rois, 4, 0.5, 2, **REF)  # bf16 map, float32 boxes
+        dcn = offset_resample(value, offset_mask, group=2, **REF)
+        dcn_mixed = offset_resample(value, offset_mask.bfloat16(), group=2, **REF)
+        (grad,) = torch.autograd.grad(same.sum(), input)
+    assert same.dtype == torch.float32 and mixed.dtype == torch.bfloat16 and grad.dtype == torch.float32
+    torch.testing.assert_close(same, expected, rtol=0, atol=0)
+    torch.testing.assert_close(dcn, expected_dcn, rtol=0, atol=0)
+    torch.testing.assert_close(mixed, roi_align(input.bfloat16().float(), rois, 4, 0.5, 2, **REF).bfloat16())
+    assert dcn_mixed.dtype == torch.float32
+    torch.testing.assert_close(
+        dcn_mixed, offset_resample(value, offset_mask.bfloat16().float(), group=2, **REF), rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match="does not match input dtype"):  # outside autocast, as torchvision
+        roi_align(input.bfloat16(), rois, 4, 0.5, 2, **REF)
+
+
+def test_value_checks_are_opt_out_in_eager_and_off_when_compiling(monkeypatch):
+    input = torch.zeros(1, 1, 4, 4)
+    bad = torch.tensor([[3.0, 0, 0, 1, 1]])  # batch index out of range
+    with pytest.raises(ValueError, match="batch indices"):
+        roi_align(input, bad, 2, **REF)
+    monkeypatch.setenv("DYNREFER_OPS_CHECK_VALUES", "0")
+    with pytest.raises((IndexError, RuntimeError)):  # unchecked: index_select itself refuses
+        roi_align(input, bad, 2, **REF)
+    monkeypatch.delenv("DYNREFER_OPS_CHECK_VALUES")
+    fractional = torch.tensor([[0.5, 0, 0, 1, 1]])  # rejected when checked, truncated to image 0 when not
+    with pytest.raises(ValueError, match="batch indices"):
+        roi_align(input, fractional, 2, **REF)
+    assert roi_align(input, fractional, 2, check_values=False, **REF).shape == (1, 1, 2, 2)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not ops._check_values(None) and ops._check_values(True)

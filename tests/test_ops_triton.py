@@ -275,16 +275,138 @@ def test_offset_resample_deterministic_backward(dtype):
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+# ------------------------------------------------------------------------------------ larger grids, batch > 1
+
+
+def test_roi_align_several_blocks_per_dimension():
+    """Two images, 2 channel blocks x 2 bin blocks in the forward and atomic backward (17x17 = 289 bins > 256),
+    2 channel blocks and 6 pixel tiles in the deterministic backward (80 channels > 64, 5x20 map)."""
+    generator = torch.Generator().manual_seed(3)
+    input = torch.randn(2, 16, 5, 20, generator=generator).to(DEVICE)
+    rois = torch.tensor(
+        [[1, 2.0, 1.0, 30.0, 9.0], [0, -3.0, 0.0, 41.0, 11.0], [1, 10.0, 2.0, 22.0, 7.0]], device=DEVICE
+    )
+    _check_roi_align(input, rois, (17, 17), 2, False, TOLERANCE[torch.float32])
+    wide = torch.randn(2, 80, 5, 20, generator=generator).to(DEVICE)
+    _check_roi_align(wide, rois, (3, 5), -1, True, TOLERANCE[torch.float32], deterministic=True)
+
+
+def test_offset_resample_several_blocks_per_dimension():
+    """Two images, 2 channel blocks per group (136 channels > 128) and 3 position blocks (20 positions > 8)."""
+    value, offset_mask = _offset_case(torch.float32, size=(4, 5), channels=272)
+    value = torch.cat([value, value.flip(1)])
+    offset_mask = torch.cat([offset_mask, -offset_mask])
+    for deterministic in (False, True):
+        _check_offset_resample(value, offset_mask, DCN, TOLERANCE[torch.float32], deterministic=deterministic)
+
+
+# ------------------------------------------------------------------------------------------------ operators
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_operators_opcheck(deterministic):
+    """Schema, fake implementation (layouts included), autograd registration and AOT tracing."""
+    input, rois = _roi_case(torch.float32)
+    channels_last = input.contiguous(memory_format=torch.channels_last).requires_grad_()
+    for map in (input.requires_grad_(), channels_last):
+        result = torch.library.opcheck(
+            torch.ops.dynrefer.roi_align_triton, (map, rois, [3, 4], 0.5, 2, False, deterministic)
+        )
+        assert set(result.values()) == {"SUCCESS"}, result
+    value, offset_mask = _offset_case(torch.float32)
+    value.requires_grad_()
+    offset_mask.requires_grad_()
+    result = torch.library.opcheck(
+        torch.ops.dynrefer.offset_resample_triton,
+        (value, offset_mask, [3, 3], [1, 1], [1, 1], [1, 1], 2, 1.0, False, deterministic),
+    )
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_triton_operators_under_autocast():
+    """torchvision's rule, as for the reference: float32 math, mixed dtypes accepted, input dtype out."""
+    input, rois = _roi_case(torch.float32)
+    value, offset_mask = _offset_case(torch.float32)
+    expected = roi_align_reference(input, rois, (3, 4), 0.5, 2, False)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        same = ops.roi_align(input, rois, (3, 4), 0.5, 2, backend="triton")
+        mixed = ops.roi_align(input.bfloat16(), rois, (3, 4), 0.5, 2, backend="triton")
+        dcn = ops.offset_resample(value, offset_mask.bfloat16(), group=2, backend="triton")
+    assert same.dtype == torch.float32 and mixed.dtype == torch.bfloat16 and dcn.dtype == torch.float32
+    torch.testing.assert_close(same, expected, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(
+        dcn,
+        offset_resample_reference(value, offset_mask.bfloat16().float(), **DCN),
+        **TOLERANCE[torch.float32],
+    )
+
+
+def test_triton_operators_trace_without_graph_breaks():
+    """Dynamo and AOT autograd see the Triton operators as single nodes (fake shapes, registered backward)."""
+    import torch._dynamo
+
+    input, rois = _roi_case(torch.float32)
+    value, offset_mask = _offset_case(torch.float32)
+
+    def function(input, rois, value, offset_mask):
+        pooled = ops.roi_align(input, rois, (3, 4), 0.5, -1, backend="triton")
+        return (
+            pooled.square().sum() + ops.offset_resample(value, offset_mask, group=2, backend="triton").sum()
+        )
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(function)(input, rois, value, offset_mask)
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    inputs = [tensor.detach().requires_grad_() for tensor in (input, value, offset_mask)]
+    compiled = torch.compile(function, backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(compiled(inputs[0], rois, *inputs[1:]), inputs)
+    expected = torch.autograd.grad(function(inputs[0], rois, *inputs[1:]), inputs)
+    torch.testing.assert_close(grads, expected)
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def test_training_steps_match_the_reference(monkeypatch):
+    """Three SGD steps of the tiny model's region encoder: Triton and reference backends, same losses."""
+    from tiny import make_tiny_model
+
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(2, 3, 3, 56, 56, generator=generator).to(DEVICE)
+    view_boxes = torch.tensor([[0.0, 0.0, 56.0, 56.0], [10.0, 12.0, 40.0, 44.0], [20.0, 18.0, 31.0, 30.0]])
+    view_boxes = torch.stack([view_boxes, view_boxes + 2.0]).to(DEVICE)
+    target = torch.randn(2, 4, 32, generator=generator).to(DEVICE)
+    losses = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("DYNREFER_OPS_BACKEND", backend)
+        model = make_tiny_model().to(DEVICE)  # eval mode: no dropout, gradients still flow
+        with torch.no_grad():  # non-zero offsets and masks: the alignment and its gradients matter
+            weight = model.cvem_align.offset_mask.weight
+            weight.copy_(
+                torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight) * 0.1
+            )
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        losses[backend] = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = (model.get_region_queries(pixel_values, view_boxes) - target).square().mean()
+            loss.backward()
+            optimizer.step()
+            losses[backend].append(loss.item())
+    assert losses["reference"][-1] < losses["reference"][0]
+    torch.testing.assert_close(losses["triton"], losses["reference"], rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------- dispatch
 
 
 def _spy(monkeypatch, module, name):
     calls = []
-    kernel = getattr(module, name)
+    function = getattr(module, name)
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("deterministic"))
-        return kernel(*args, **kwargs)
+        calls.append(name)
+        return function(*args, **kwargs)
 
     monkeypatch.setattr(module, name, spy)
     return calls
@@ -293,19 +415,20 @@ def _spy(monkeypatch, module, name):
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_dispatch_reaches_the_kernels(monkeypatch, backend):
     monkeypatch.setenv("DYNREFER_OPS_BACKEND", backend)
-    roi_calls = _spy(monkeypatch, triton_roi_align, "roi_align_triton")
-    offset_calls = _spy(monkeypatch, triton_offset_resample, "offset_resample_triton")
+    roi_calls = _spy(monkeypatch, triton_roi_align, "_forward")
+    gather_calls = _spy(monkeypatch, triton_roi_align, "_backward_gather")
+    offset_calls = _spy(monkeypatch, triton_offset_resample, "_forward")
     input, rois = _roi_case(torch.float32)
     value, offset_mask = _offset_case(torch.float32)
+    input.requires_grad_()
 
-    torch.testing.assert_close(
-        ops.roi_align(input, rois, 3, 0.5, 2, deterministic=True),
-        roi_align_reference(input, rois, (3, 3), 0.5, 2, False),
-    )
+    output = ops.roi_align(input, rois, 3, 0.5, 2, deterministic=True)
+    torch.testing.assert_close(output, roi_align_reference(input, rois, (3, 3), 0.5, 2, False))
+    output.sum().backward()  # deterministic=True reaches the gather backward
     torch.testing.assert_close(
         ops.offset_resample(value, offset_mask, group=2), offset_resample_reference(value, offset_mask, **DCN)
     )
-    assert roi_calls == [True] and offset_calls == [False]
+    assert (roi_calls, gather_calls, offset_calls) == (["_forward"], ["_backward_gather"], ["_forward"])
 
     ops.roi_align(input, rois, 3, 0.5, 2, backend="reference")
     ops.offset_resample(value, offset_mask, group=2, backend="reference")

@@ -185,6 +185,54 @@ def test_batch_size_sets_the_regions_per_forward_pass(describe, images, monkeypa
     assert chunk_sizes == [4, 1]
 
 
+def test_views_of_the_next_chunk_are_built_while_the_model_runs(describe, monkeypatch):
+    events = []
+    next_views_built = threading.Event()
+    image_processor, describe_regions = describe.image_processor, describe.model.describe_regions
+
+    def building(*args, **kwargs):
+        events.append(("views", threading.current_thread() is threading.main_thread()))
+        features = image_processor(*args, **kwargs)
+        if len(events) > 1:
+            next_views_built.set()
+        return features
+
+    def describing(*args, **kwargs):
+        # the first forward pass waits until the second chunk's views exist: they are built meanwhile
+        events.append(("model", next_views_built.wait(timeout=60)))
+        return describe_regions(*args, **kwargs)
+
+    monkeypatch.setattr(describe, "image_processor", building)
+    monkeypatch.setattr(describe.model, "describe_regions", describing)
+    image = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    results = describe(image, boxes=[[10, 20, 200, 230]] * 3, batch_size=2, max_new_tokens=2)
+    assert len(results) == 3
+    assert events == [("views", False), ("views", False), ("model", True), ("model", True)]
+
+
+def test_prefetched_keeps_order_raises_when_due_and_closes_its_source():
+    from dynrefer_hf.pipelines.region_captioning import _prefetched
+
+    def chunks(log):
+        try:
+            yield 1
+            yield 2
+            raise ValueError("chunk 3 is bad")
+        finally:
+            log.append("closed")
+
+    log = []
+    items = _prefetched(chunks(log))
+    assert next(items) == 1 and next(items) == 2
+    with pytest.raises(ValueError, match="chunk 3 is bad"):
+        next(items)
+    log = []
+    items = _prefetched(chunks(log))
+    assert next(items) == 1
+    items.close()
+    assert log == ["closed"]
+
+
 def test_controls_reach_the_prompt_as_describe_regions_places_them(describe, images):
     box = [[300, 100, 600, 400]]
     plain = describe(images[0], boxes=box, **GENERATION)[0]

@@ -85,6 +85,72 @@ def test_pixel_values_match_direct_pil_numpy(image_processor, photo):
     assert out["crop_boxes"][1, 0].tolist() == [0, 0, 224, 224]  # 224x224 crop: taken as is
 
 
+# --------------------------------------------------------------------------------------------- threads
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A 640x480 synthetic picture (gradients, coloured blocks, noise): views of it hash differently."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:480, 0:640]
+    pixels = np.stack([x * 255 // 639, y * 255 // 479, (x + y) % 256], axis=-1).astype(np.uint8)
+    for _ in range(15):
+        x1, y1 = rng.integers(0, 600), rng.integers(0, 440)
+        pixels[y1 : y1 + rng.integers(5, 200), x1 : x1 + rng.integers(5, 250)] = rng.integers(0, 256, 3)
+    pixels[::7] = rng.integers(0, 256, pixels[::7].shape, dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _assorted_boxes(width: int, height: int, count: int, seed: int) -> list[list[float]]:
+    """Thin, sub-pixel, border-touching, large, small and whole-image boxes, then random ones."""
+    w, h = width, height
+    boxes = [
+        [0.2 * w, 0.1 * h, 0.2 * w + 2, 0.9 * h],
+        [0.5 * w + 0.3, 0.5 * h + 0.2, 0.5 * w + 0.7, 0.5 * h + 0.6],
+        [0, 0.3 * h, 0.25 * w, h],
+        [0.05 * w, 0.05 * h, 0.95 * w, 0.9 * h],
+        [0.6 * w, 0.2 * h, 0.6 * w + 12, 0.2 * h + 9],
+        [0, 0, w, h],
+    ]
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        x1, y1 = rng.uniform(-5, w), rng.uniform(-5, h)
+        boxes.append([x1, y1, x1 + rng.uniform(0, w), y1 + rng.uniform(0, h)])
+    return boxes
+
+
+@pytest.mark.parametrize("num_threads", [2, 3, 8, None])
+@pytest.mark.parametrize("view_selection", ["image_prior", "random", [0.3, 1.0]])
+def test_threaded_views_are_byte_identical_to_sequential(
+    image_processor, scene, small_image, num_threads, view_selection
+):
+    images = [scene, small_image, np.asarray(scene)[100:400, 50:300], scene.convert("L")]
+    sizes = [np.asarray(image).shape[1::-1] for image in images]
+    boxes = [_assorted_boxes(width, height, 10, seed) for seed, (width, height) in enumerate(sizes)]
+    kwargs = {"boxes": boxes, "view_selection": view_selection, "seed": 5}
+    sequential = image_processor(images, num_threads=1, **kwargs)
+    threaded = image_processor(images, num_threads=num_threads, **kwargs)
+    assert sequential["pixel_values"].shape == (64, 3, 3, 224, 224)
+    for key, value in sequential.items():
+        other = threaded[key]
+        assert (value.dtype, value.shape) == (other.dtype, other.shape), key
+        assert value.numpy().tobytes() == other.numpy().tobytes(), key
+
+
+def test_threaded_pixels_are_upstreams(image_processor, scene):
+    out = image_processor(scene, boxes=_assorted_boxes(640, 480, 4, 0), num_threads=4)
+    for region in range(len(out["crop_boxes"])):
+        for view in range(3):
+            crop_box = out["crop_boxes"][region, view].tolist()
+            assert np.array_equal(out["pixel_values"][region, view].numpy(), _direct_pixels(scene, crop_box))
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_num_threads_must_be_a_positive_integer(image_processor, small_image, bad):
+    with pytest.raises(ValueError, match="num_threads must be a positive integer or None"):
+        image_processor(small_image, boxes=[[1, 2, 30, 40]], num_threads=bad)
+
+
 # ------------------------------------------------------------------------------------ selection modes
 
 

@@ -1,5 +1,5 @@
-"""Training pieces: control-word sampling, the collator, label-table embeddings, the label losses, the
-Trainer subclass and the evaluation loop, on tiny models and a few synthetic scenes."""
+"""Training pieces: control-word sampling, the collator, label-table embeddings, the label losses of the
+model, the Trainer subclass, a plain Trainer and the evaluation loop, on tiny models and a few synthetic scenes."""
 
 import random
 
@@ -12,7 +12,7 @@ from tiny import make_tiny_config, make_tiny_tokenizer
 from dynrefer_hf.evaluation import evaluate_regions
 from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
 from dynrefer_hf.metrics import attribute_map, cider_d, class_accuracy
-from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning
+from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning, attribute_label_loss
 from dynrefer_hf.processing_dynrefer import DynReferProcessor
 from dynrefer_hf.shapes import SHAPES_VOCABULARY, shapes_split
 from dynrefer_hf.training import (
@@ -20,7 +20,6 @@ from dynrefer_hf.training import (
     RegionTrainingCollator,
     attribute_groups,
     bag_of_words_embeddings,
-    label_supervision_losses,
     sample_control_words,
 )
 
@@ -45,7 +44,11 @@ def _shapes_model(seed=0):
         class_prompts=[f"the {name}" for name in vocabulary.classes],
     )
     torch.manual_seed(seed)
-    return DynReferForRegionCaptioning(config)
+    model = DynReferForRegionCaptioning(config)
+    with torch.no_grad():  # distinct label embeddings
+        for table in (model.clip_embeds, model.att_embeds, model.ov_embeds):
+            table.normal_()
+    return model
 
 
 def test_bag_of_words_embeddings():
@@ -98,32 +101,36 @@ def test_collator_builds_every_target(scenes):
         collator([])
 
 
-def test_label_supervision_losses_against_a_direct_computation():
+def test_label_losses_in_forward_against_a_direct_computation(scenes):
     model = _shapes_model().eval()
-    regions = 5
-    queries = torch.randn(regions, model.config.num_query_tokens, model.config.qformer_config.hidden_size)
+    model.config.attribute_label_loss_weight = 0.5
+    model.config.class_label_loss_weight = 2.0
+    views = _processor().image_processor(list(scenes["image"]), boxes=list(scenes["boxes"]))
+    regions = views["pixel_values"].shape[0]
     generator = torch.Generator().manual_seed(0)
     attribute_labels = torch.randint(-1, 2, (regions, model.config.num_attributes), generator=generator)
-    class_labels = torch.tensor([0, 3, -1, 5, 2])
-    # the region's colour, texture and size: exactly one positive in each group for regions 0-3
+    class_labels = torch.tensor([(3 * row) % 6 - (row == 1) for row in range(regions)])  # region 1: no class
+    # the region's colour, texture and size: exactly one positive in each group, but for the last region
     groups = attribute_groups(model.config.attribute_names)
     single = torch.zeros(regions, model.config.num_attributes, dtype=torch.long)
-    for row in range(4):
+    for row in range(regions - 1):
         for columns in groups:
             single[row, columns[row % len(columns)]] = 1
-    single[4] = -1
+    single[-1] = -1
 
+    inputs = {"pixel_values": views["pixel_values"], "view_boxes": views["view_boxes"]}
     with torch.no_grad():
+        bce = model(**inputs, attribute_labels=attribute_labels, class_labels=class_labels)
+        model.config.attribute_label_loss = "group_softmax"
+        softmax = model(**inputs, attribute_labels=single)
+        queries = bce.region_queries
         scale, bias = model.attr_t.exp(), model.attr_b
-        logits = model.attribute_similarity(queries, model.att_embeds) * scale + bias
+        logits = model.attribute_similarity(queries, model.att_embeds) * scale + bias  # one prompt per attribute
         class_logits = model.attribute_similarity(queries, model.ov_embeds) * scale
-        bce, class_loss = label_supervision_losses(model, queries, attribute_labels, class_labels, "bce")
-        softmax, _ = label_supervision_losses(model, queries, single, class_labels, "group_softmax")
 
     kept = attribute_labels != -1
-    torch.testing.assert_close(
-        bce, F.binary_cross_entropy_with_logits(logits[kept], attribute_labels[kept].float())
-    )
+    expected_bce = F.binary_cross_entropy_with_logits(logits[kept], attribute_labels[kept].float())
+    torch.testing.assert_close(bce.loss_attribute, 0.5 * expected_bce)
     expected_class = np.mean(
         [
             -torch.log_softmax(class_logits[row], 0)[label].item()
@@ -131,21 +138,43 @@ def test_label_supervision_losses_against_a_direct_computation():
             if label >= 0
         ]
     )
-    assert class_loss.item() == pytest.approx(expected_class, rel=1e-5)
+    assert bce.loss_class.item() == pytest.approx(2.0 * expected_class, rel=1e-5)
+    assert bce.loss.item() == pytest.approx(bce.loss_attribute.item() + bce.loss_class.item(), rel=1e-6)
+    assert bce.loss_caption is None and bce.loss_tag is None and bce.loss_region_text is None
     terms = [
         -torch.log_softmax(logits[row, columns], 0)[single[row, columns].argmax()].item()
-        for row in range(4)
+        for row in range(regions - 1)
         for columns in groups
     ]
-    assert softmax.item() == pytest.approx(np.mean(terms), rel=1e-5)
-    with pytest.raises(ValueError, match="attribute_loss"):
-        label_supervision_losses(model, queries, single, class_labels, "hinge")
+    assert softmax.loss_attribute.item() == pytest.approx(0.5 * np.mean(terms), rel=1e-5)
+    assert softmax.loss_class is None
+    model.config.class_label_loss_weight = 0.0  # a zero weight turns the loss off
+    assert model(**inputs, class_labels=class_labels).loss is None
+    with pytest.raises(ValueError, match="must be one of"):
+        attribute_label_loss(logits, single, "hinge")
+    with pytest.raises(ValueError, match="class_labels"):
+        model(**inputs, class_labels=class_labels[:-1])
+
+
+def test_attribute_pooling_is_shared_by_predictions_and_losses():
+    model = make_tiny_model_with_groups()
+    prompt_scores = torch.tensor([[0.1, 0.9, 0.3, 0.2, 0.5, 0.4], [0.7, 0.2, 0.8, 0.6, 0.1, 0.3]])
+    # groups of 2, 1 and 3 prompts: the max of each
+    expected = torch.tensor([[0.9, 0.3, 0.5], [0.7, 0.8, 0.6]])
+    torch.testing.assert_close(model.pool_attribute_prompts(prompt_scores), expected)
+
+
+def make_tiny_model_with_groups():
+    from tiny import make_tiny_model
+
+    return make_tiny_model()
 
 
 def test_region_trainer_trains_and_logs_every_loss_part(scenes, tmp_path):
     from transformers import TrainingArguments
 
     model = _shapes_model()
+    model.config.attribute_label_loss = "group_softmax"
     model.set_trainable([name for name, _ in model.named_children()])
     before = model.attr_fc.weight.detach().clone()
     arguments = TrainingArguments(
@@ -164,7 +193,6 @@ def test_region_trainer_trains_and_logs_every_loss_part(scenes, tmp_path):
         args=arguments,
         train_dataset=scenes,
         data_collator=RegionTrainingCollator(_processor(), SHAPES_VOCABULARY),
-        attribute_loss="group_softmax",
         probe_loss_weight=1.0,
     )
     probe_before = trainer.probe.weight.detach().clone()
@@ -172,11 +200,31 @@ def test_region_trainer_trains_and_logs_every_loss_part(scenes, tmp_path):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2
     for entry in logged:
-        parts = ("loss_llm", "loss_tag", "loss_attribute", "loss_class", "loss_probe")
+        parts = ("loss_caption", "loss_tag", "loss_attribute", "loss_class", "loss_probe")
         assert set(parts) <= set(entry) and all(np.isfinite(entry[key]) for key in parts)
     assert not torch.equal(before, model.attr_fc.weight)
     assert not torch.equal(probe_before, trainer.probe.weight)  # the probe is optimised with the model
     assert not any(name.startswith("probe") for name in model.state_dict())  # and is not part of it
+
+
+def test_plain_trainer_trains_every_head(scenes, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _shapes_model()
+    model.set_trainable([name for name, _ in model.named_children()])
+    heads = ("tag_fc", "attr_fc", "language_projection")
+    before = {name: getattr(model, name).weight.detach().clone() for name in heads}
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=1, report_to=[],
+        remove_unused_columns=False, use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    collator = RegionTrainingCollator(_processor(), SHAPES_VOCABULARY)
+    batch = collator([scenes[0]])
+    with torch.no_grad():
+        output = model(**batch)
+    assert all(output[name] is not None for name in ("loss_caption", "loss_tag", "loss_attribute", "loss_class"))
+    Trainer(model=model, args=arguments, train_dataset=scenes, data_collator=collator).train()
+    assert all(not torch.equal(before[name], getattr(model, name).weight) for name in heads)
 
 
 def test_evaluate_regions_scores_the_predictions(scenes):

@@ -217,6 +217,74 @@ def test_score_is_distance_over_t():
     assert ratios == [0.0, 0.1, 0.2]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 64), min_size=10, max_size=10),
+    st.integers(1, 6),
+    st.sampled_from([views.CANDIDATE_RATIOS, views.candidate_ratios(5), (0.5, 0.25, 1.0, 0.1)]),
+)
+def test_pruned_selection_equals_the_full_ranking(distances, num_views, candidates):
+    """select_image_prior_ratios hashes fewer candidates but picks exactly what image_prior_ratios picks."""
+    num_views = min(num_views, len(candidates) + 1)
+    box, size = [10, 20, 30, 50], (100, 80)
+    keys = [tuple(b) for b in views.view_boxes(box, [0.0, *candidates], *size).tolist()]
+    # view 0 hashes to zeros, candidate i to `distances[i]` ones (distinct boxes, so a dict lookup)
+    hashes = {key: np.array([1] * d + [0] * (64 - d), np.uint8) for key, d in zip(keys, [0, *distances])}
+    hashed = []
+
+    def box_hash(b):
+        hashed.append(tuple(b.tolist()))
+        return hashes[hashed[-1]]
+
+    full = views.image_prior_ratios(lambda b: hashes[tuple(b.tolist())], box, *size, num_views, candidates)[0]
+    assert views.select_image_prior_ratios(box_hash, box, *size, num_views, candidates) == full
+    assert hashed == keys[: len(hashed)]  # in order, each once
+
+
+def test_pruned_selection_skips_candidates_that_cannot_win():
+    # distances 30, 28, 27, 26, ...: scores 300, 140, 90, 65, ... The second best, 140, is at least
+    # the bound 64 / t of every t from 0.5 on (128, 107, ...), so those five are never hashed.
+    distances = (0, 30, 28, 27, 26, 25, 24, 23, 22, 21, 20)
+    hashes = [np.array([1] * d + [0] * (64 - d), np.uint8) for d in distances]
+    grid = [0.0, *views.CANDIDATE_RATIOS]
+    boxes = [tuple(b) for b in views.view_boxes([10, 10, 20, 20], grid, 100, 100).tolist()]
+    calls = []
+
+    def box_hash(b):
+        calls.append(boxes.index(tuple(b.tolist())))
+        return hashes[calls[-1]]
+
+    assert views.select_image_prior_ratios(box_hash, [10, 10, 20, 20], 100, 100) == [0.0, 0.1, 0.2]
+    assert calls == [0, 1, 2, 3, 4]
+    calls.clear()
+    assert views.select_image_prior_ratios(box_hash, [10, 10, 20, 20], 100, 100, num_views=1) == [0.0]
+    assert calls == []
+
+
+def test_region_phasher_equals_region_phash():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (70, 500, 3), dtype=np.uint8)
+    phash = views.region_phasher(image)
+    for _ in range(50):
+        x1, y1 = rng.uniform(0, 499), rng.uniform(0, 69)
+        box = [x1, y1, rng.uniform(x1 + 1, 500), rng.uniform(y1 + 1, 70)]
+        assert phash(box).tolist() == views.region_phash(image, box).tolist()
+
+
+def test_view_and_target_boxes_of_a_stack_equal_one_box_at_a_time():
+    rng = np.random.default_rng(4)
+    boxes = rng.uniform(0, 300, (6, 4)).astype(np.float32)
+    boxes[:, 2:] += boxes[:, :2] + 1
+    ratios = rng.choice(views.CANDIDATE_RATIOS, (6, 3))
+    ratios[:, 0] = 0
+    stacked = views.view_boxes(boxes, ratios, 640, 480)
+    crops = views.crop_boxes_from_view_boxes(stacked, 640, 480)
+    targets = views.target_boxes_in_views(crops[:, 0], crops, 224, 224)
+    for i in range(6):
+        assert np.array_equal(stacked[i], views.view_boxes(boxes[i], ratios[i], 640, 480))
+        assert np.array_equal(targets[i], views.target_boxes_in_views(crops[i, 0], crops[i], 224, 224))
+
+
 def test_random_ratios_follow_random_sample():
     for seed in range(5):
         expected = random.Random(seed).sample(range(10), 2)

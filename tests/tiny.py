@@ -97,13 +97,18 @@ def make_tiny_config(**overrides):
 
 
 def make_tiny_model(seed: int = 0, **overrides):
-    """A randomly initialised tiny DynReferForRegionCaptioning (eval mode), reproducible from ``seed``."""
+    """A randomly initialised tiny DynReferForRegionCaptioning (eval mode), reproducible from ``seed``, its
+    label tables drawn from N(0, 1) as stand-ins for text-encoder embeddings."""
     import torch
 
     from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning
 
     torch.manual_seed(seed)
-    return DynReferForRegionCaptioning(make_tiny_config(**overrides)).eval()
+    model = DynReferForRegionCaptioning(make_tiny_config(**overrides)).eval()
+    with torch.no_grad():  # distinct label embeddings (the model starts with zero tables until set_vocabulary)
+        for table in (model.clip_embeds, model.att_embeds, model.ov_embeds):
+            table.normal_(mean=0.0, std=1.0)
+    return model
 
 
 def make_varied_tiny_model(seed: int = 0, **overrides):

@@ -140,7 +140,13 @@ class DynReferConfig(PreTrainedConfig):
         head_num_layers, head_hidden_size, head_num_attention_heads, head_intermediate_size, head_hidden_act,
         head_layer_norm_eps, head_dropout: the cross-attention-only BERT of the tag and attribute heads (§7).
         text_embed_dim (`int`): width of the label-embedding tables (EVA-CLIP projection, 1024).
-        tag_loss_weight, attr_loss_weight (`float`): loss weights (0.01, 0.5; §13).
+        tag_loss_weight, attr_loss_weight (`float`): weights of `loss_tag` and of the region-caption contrastive
+            loss `loss_region_text` (0.01, 0.5; §13; `attr_` is upstream's name: the loss trains the attribute head).
+        attribute_label_loss (`str`): `"bce"` or `"group_softmax"`, the loss of `attribute_labels`
+            (`modeling_dynrefer.attribute_label_loss`; not upstream).
+        attribute_label_loss_weight, class_label_loss_weight (`float`): weights of `loss_attribute` and
+            `loss_class` (1.0; 0 turns a loss off). Upstream trains the attribute head only through the
+            region-caption loss; these losses use region labels when a dataset has them.
         asl_gamma_neg, asl_gamma_pos, asl_clip, asl_eps (`float`): asymmetric tag loss (§7).
         attr_logit_scale_init, attr_logit_bias_init (`float`): init of `attr_t` (ln 10) and `attr_b` (-10).
         ln_vision_eps (`float`): eps of the LayerNorm after the ViT (1e-5, not the blocks' 1e-6; §2).
@@ -197,6 +203,9 @@ class DynReferConfig(PreTrainedConfig):
 
     tag_loss_weight: float = 0.01
     attr_loss_weight: float = 0.5
+    attribute_label_loss: str = "bce"
+    attribute_label_loss_weight: float = 1.0
+    class_label_loss_weight: float = 1.0
     asl_gamma_neg: float = 7.0
     asl_gamma_pos: float = 0.0
     asl_clip: float = 0.05
@@ -269,6 +278,10 @@ class DynReferConfig(PreTrainedConfig):
         if self.vision_config.hidden_size % self.align_group:
             raise ValueError(
                 f"the vision width ({self.vision_config.hidden_size}) must be divisible by align_group ({self.align_group})"
+            )
+        if self.attribute_label_loss not in ("bce", "group_softmax"):
+            raise ValueError(
+                f"attribute_label_loss must be 'bce' or 'group_softmax', got {self.attribute_label_loss!r}"
             )
         if self.head_hidden_size % self.head_num_attention_heads:
             raise ValueError(

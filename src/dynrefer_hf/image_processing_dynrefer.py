@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from contextlib import contextmanager, nullcontext
+from functools import cache, partial
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
+from threadpoolctl import ThreadpoolController
 from transformers import BaseImageProcessor, BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
@@ -28,11 +31,10 @@ from .views import (
     TASK_PRIOR_RATIOS,
     candidate_ratios,
     crop_boxes_from_view_boxes,
-    image_prior_ratios,
     mask_to_box,
     random_ratios,
-    region_phash,
-    rgb_to_grey,
+    region_phasher,
+    select_image_prior_ratios,
     standard_phash,
     target_boxes_in_views,
     task_prior_ratios,
@@ -52,6 +54,8 @@ _WIDE_PIL_MODES = ("I", "F")
 def _uint16_to_uint8(array: np.ndarray) -> np.ndarray:
     """Full-range 16-bit values as 8-bit ones: ``round(x * 255 / 65535)`` (0 -> 0, 65535 -> 255)."""
     return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+# Default cap on the threads that build the views (beyond it, resizing is memory-bound).
+_MAX_THREADS = 8
 
 
 def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -102,6 +106,47 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"the image is empty ({array.shape[1]}x{array.shape[0]} pixels)")
     return np.ascontiguousarray(array)
+
+
+@cache
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """NumPy's BLAS on one thread while views are built, restored when the last concurrent call ends.
+
+    The pHash products are small (at most 8 x 448 x W): BLAS threads gain little on them, and on a busy
+    machine their spin-waiting makes each product up to 50 times slower (docs/processor.md, Performance).
+    The views' own threads parallelise the resizing instead.
+    """
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = _blas_controller().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
+def _thread_count(num_threads: int | None) -> int:
+    if num_threads is None:
+        return min(os.cpu_count() or 1, _MAX_THREADS)
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+    return num_threads
 
 
 def _is_single_image(images: Any) -> bool:
@@ -274,7 +319,9 @@ class DynReferImageProcessor(BaseImageProcessor):
         if not isinstance(view_selection, str):
             return [0.0, *(float(t) for t in view_selection)]
         if view_selection == "image_prior":
-            return image_prior_ratios(box_hash, box, width, height, self.num_views, self.candidate_ratios)[0]
+            return select_image_prior_ratios(
+                box_hash, box, width, height, self.num_views, self.candidate_ratios
+            )
         if view_selection == "random":
             return random_ratios(self.num_views, self.candidate_ratios, rng)
         return task_prior_ratios(task, self.num_views)
@@ -306,27 +353,28 @@ class DynReferImageProcessor(BaseImageProcessor):
 
     # ---------------------------------------------------------------------------------------- pixels
 
-    def _resized_crop(self, image: Image.Image, crop_box: tuple[int, int, int, int]) -> np.ndarray:
+    def _write_view(
+        self, image: Image.Image, crop_box: tuple[int, int, int, int], slots: list[int], out: np.ndarray
+    ) -> None:
+        """Crop, resize and normalise one view into ``out[slots[0]]``, then copy it to the other slots.
+
+        Normalisation is torchvision's, in float32 and in its order: ``x * rescale_factor``, minus mean,
+        over std. PIL releases the GIL while resizing and NumPy while computing, so views are built in
+        parallel threads.
+        """
         crop = image.crop(crop_box)
         target = (self.size["width"], self.size["height"])
         if crop.size != target:  # upstream leaves crops of the right size untouched
             crop = crop.resize(target, resample=self.resample)
-        return np.asarray(crop)
-
-    def _resize_crops(self, jobs: list[tuple[Image.Image, tuple[int, ...]]]) -> list[np.ndarray]:
-        """Resize every distinct crop once; PIL releases the GIL while resizing, so threads run in parallel."""
-        workers = min(len(jobs) // 4, os.cpu_count() or 1, 8)
-        if workers <= 1:
-            return [self._resized_crop(image, box) for image, box in jobs]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda job: self._resized_crop(*job), jobs))
-
-    def _normalize(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 ``[N, H, W, 3]`` -> float32 ``[N, 3, H, W]``: ``x * (1/255)``, minus mean, over std (torchvision order)."""
-        tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(torch.float32)
-        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-        return tensor.mul_(self.rescale_factor).sub_(mean).div_(std)
+        view = out[slots[0]]
+        # uint8 HWC -> float32 CHW, times the factor (both in float32, as converting first would do)
+        np.multiply(
+            np.asarray(crop).transpose(2, 0, 1), np.float32(self.rescale_factor), out=view, dtype=np.float32
+        )
+        view -= np.asarray(self.image_mean, dtype=np.float32).reshape(3, 1, 1)
+        view /= np.asarray(self.image_std, dtype=np.float32).reshape(3, 1, 1)
+        for slot in slots[1:]:
+            out[slot] = view
 
     # ------------------------------------------------------------------------------------------- call
 
@@ -343,6 +391,7 @@ class DynReferImageProcessor(BaseImageProcessor):
         normalized_boxes: bool = False,
         seed: int | None = None,
         return_tensors: str | None = "pt",
+        num_threads: int | None = None,
         **kwargs,
     ) -> BatchFeature:
         r"""Nested views of every region of one image or a batch of images.
@@ -362,6 +411,9 @@ class DynReferImageProcessor(BaseImageProcessor):
             seed: seeds the `"random"` selection (`random.Random(seed)`); `None` uses the global `random`
                 module like upstream.
             return_tensors: `"pt"` (default) or `"np"`.
+            num_threads: threads that crop, resize and normalise the views (PIL and NumPy release the GIL)
+                while the calling thread chooses the views of the next image; `None` (default): one per
+                CPU, at most 8; `1`: everything in the calling thread. The outputs do not depend on it.
 
         Returns:
             [`BatchFeature`] with, for the R regions of all images in order (S = size):
@@ -377,6 +429,7 @@ class DynReferImageProcessor(BaseImageProcessor):
             raise TypeError(f"seed must be an integer or None, got {seed!r} ({type(seed).__name__})")
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        threads = _thread_count(num_threads)
         view_selection = self.view_selection if view_selection is None else view_selection
         task = self.task if task is None else task
         self._check_selection(view_selection, task)
@@ -396,41 +449,57 @@ class DynReferImageProcessor(BaseImageProcessor):
         regions = self._regions_per_image(arrays, boxes, masks, normalized_boxes, single)
         rng = random.Random(seed) if seed is not None else None
 
-        out_h, out_w = self.size["height"], self.size["width"]
-        crop_jobs: list[tuple[Image.Image, tuple[int, ...]]] = []
-        pixel_index, all_boxes, all_ratios, all_crops, image_index = [], [], [], [], []
-        for index, (array, image_regions) in enumerate(zip(arrays, regions)):
-            if len(image_regions) == 0:
-                continue
-            height, width = array.shape[:2]
-            pil_image = Image.fromarray(array)
-            box_hash = self._box_hash(array, pil_image, view_selection)
-            crop_slot: dict[tuple[int, ...], int] = {}  # identical crops are resized once
-            for box in image_regions:
-                ratios = self._view_ratios(box, width, height, view_selection, task, box_hash, rng)
-                crop_boxes = crop_boxes_from_view_boxes(view_boxes(box, ratios, width, height), width, height)
-                for crop_box in map(tuple, crop_boxes.tolist()):
-                    if crop_box not in crop_slot:
-                        crop_slot[crop_box] = len(crop_jobs)
-                        crop_jobs.append((pil_image, crop_box))
-                pixel_index.append([crop_slot[tuple(c)] for c in crop_boxes.tolist()])
-                all_boxes.append(target_boxes_in_views(crop_boxes[0], crop_boxes, out_h, out_w))
+        num_views, out_h, out_w = self.num_views, self.size["height"], self.size["width"]
+        num_regions = sum(len(image_regions) for image_regions in regions)
+        pixels = np.empty((num_regions * num_views, 3, out_h, out_w), dtype=np.float32)
+        all_boxes, all_ratios, all_crops, image_index = [], [], [], []
+        threads = min(threads, num_regions * num_views)
+        with (
+            _single_threaded_blas(),
+            ThreadPoolExecutor(max_workers=threads) if threads > 1 else nullcontext() as pool,
+        ):
+            pending = []
+            for index, (image, array, image_regions) in enumerate(zip(images, arrays, regions)):
+                if len(image_regions) == 0:
+                    continue
+                height, width = array.shape[:2]
+                # The caller's RGB image is cropped directly; other inputs are converted once.
+                is_rgb = isinstance(image, Image.Image) and image.mode == "RGB"
+                pil_image = image if is_rgb else Image.fromarray(array)
+                box_hash = self._box_hash(array, pil_image, view_selection)
+                ratios = np.array(
+                    [
+                        self._view_ratios(box, width, height, view_selection, task, box_hash, rng)
+                        for box in image_regions
+                    ]
+                )
+                crop_boxes = crop_boxes_from_view_boxes(
+                    view_boxes(image_regions, ratios, width, height), width, height
+                )
+                first_slot = len(image_index) * num_views
+                slots: dict[tuple[int, ...], list[int]] = {}  # identical crops are built once
+                for slot, crop_box in enumerate(map(tuple, crop_boxes.reshape(-1, 4).tolist()), first_slot):
+                    slots.setdefault(crop_box, []).append(slot)
+                for crop_box, crop_slots in slots.items():
+                    if pool is None:
+                        self._write_view(pil_image, crop_box, crop_slots, pixels)
+                    else:  # resized while the next image's views are chosen
+                        pending.append(pool.submit(self._write_view, pil_image, crop_box, crop_slots, pixels))
+                all_boxes.append(target_boxes_in_views(crop_boxes[:, 0], crop_boxes, out_h, out_w))
                 all_ratios.append(ratios)
                 all_crops.append(crop_boxes)
-                image_index.append(index)
+                image_index.extend([index] * len(image_regions))
+            for future in pending:
+                future.result()
 
-        num_views = self.num_views
-        if crop_jobs:
-            crops = self._resize_crops(crop_jobs)
-            pixels = self._normalize(np.stack(crops)[np.array(pixel_index).reshape(-1)])
-            pixels = pixels.view(-1, num_views, 3, out_h, out_w)
-        else:
-            pixels = torch.zeros((0, num_views, 3, out_h, out_w))
+        def stacked(parts: list[np.ndarray], dtype, shape) -> np.ndarray:
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(shape, dtype=dtype)
+
         data = {
-            "pixel_values": pixels,
-            "view_boxes": torch.from_numpy(np.array(all_boxes, dtype=np.float32).reshape(-1, num_views, 4)),
-            "view_ratios": torch.tensor(all_ratios, dtype=torch.float32).reshape(-1, num_views),
-            "crop_boxes": torch.from_numpy(np.array(all_crops, dtype=np.int64).reshape(-1, num_views, 4)),
+            "pixel_values": torch.from_numpy(pixels.reshape(-1, num_views, 3, out_h, out_w)),
+            "view_boxes": torch.from_numpy(stacked(all_boxes, np.float32, (0, num_views, 4))),
+            "view_ratios": torch.from_numpy(stacked(all_ratios, np.float32, (0, num_views))),
+            "crop_boxes": torch.from_numpy(stacked(all_crops, np.int64, (0, num_views, 4))),
             "region_image_index": torch.tensor(image_index, dtype=torch.int64),
         }
         if return_tensors == "np":
@@ -445,7 +514,7 @@ class DynReferImageProcessor(BaseImageProcessor):
         limits = np.array([width, height, width, height], dtype=np.float32)
         if self.phash_method == "imagehash":
             return partial(standard_phash, pil_image)
-        grey = rgb_to_grey(array)  # once per image
+        phash = region_phasher(array, self.phash_resolution)  # grey once per image
         hashes: dict[tuple[int, ...], np.ndarray] = {}  # e.g. t = 1 is the whole image for every region
 
         def box_hash(box: np.ndarray) -> np.ndarray:
@@ -454,7 +523,7 @@ class DynReferImageProcessor(BaseImageProcessor):
             box = np.clip(box, 0, limits)
             key = tuple(box.astype(np.int64).tolist())
             if key not in hashes:
-                hashes[key] = region_phash(grey, box, self.phash_resolution)
+                hashes[key] = phash(box)
             return hashes[key]
 
         return box_hash

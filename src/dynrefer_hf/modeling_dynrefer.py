@@ -12,6 +12,7 @@ import contextlib
 import copy
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,21 +30,29 @@ from transformers import (
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    BaseModelOutputWithPoolingAndCrossAttentions,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
 from transformers.utils import ModelOutput
 
 from .configuration_dynrefer import DynReferConfig
 from .ops import offset_resample, roi_align
-from .prompts import format_control_prompt, merge_control_words
 from .validation import check_model_folder, check_weight_shapes
 
 __all__ = [
+    "ATTRIBUTE_LABEL_LOSSES",
     "DynReferForRegionCaptioning",
     "DynReferLabelHead",
     "DynReferOutput",
     "DynReferPreTrainedModel",
     "DynReferRegionAlign",
     "asymmetric_loss",
+    "attribute_groups",
+    "attribute_label_loss",
+    "class_label_loss",
     "sigmoid_contrastive_loss",
 ]
 
@@ -52,27 +61,76 @@ __all__ = [
 class DynReferOutput(ModelOutput):
     """Output of [`DynReferForRegionCaptioning.forward`].
 
+    Every loss part is already weighted, and `loss` is their sum over the parts that got targets.
+
     Args:
-        loss (`torch.FloatTensor` of shape `()`): `loss_llm + loss_tag + loss_att` over the parts that got targets.
-        loss_llm (`torch.FloatTensor` of shape `()`): token-mean caption cross-entropy (docs/upstream/model.md §11).
-        loss_tag (`torch.FloatTensor` of shape `()`): summed asymmetric tag loss times `tag_loss_weight` (§7).
-        loss_att (`torch.FloatTensor` of shape `()`): sigmoid region-caption loss times `attr_loss_weight` (§8).
-        logits (`torch.FloatTensor` of shape `(R, L, vocab)`): language-model logits (only with `labels`).
+        loss (`torch.FloatTensor` of shape `()`): the sum of the loss parts below that were computed.
+        loss_caption (`torch.FloatTensor` of shape `()`): token-mean caption cross-entropy of the language model
+            (from `labels`; docs/upstream/model.md §11). Formerly `loss_llm`.
+        loss_tag (`torch.FloatTensor` of shape `()`): summed asymmetric tag loss times `tag_loss_weight` (from
+            `tag_labels`; §7).
+        loss_region_text (`torch.FloatTensor` of shape `()`): sigmoid region-caption contrastive loss times
+            `attr_loss_weight` (from `caption_embeds`; §8). Formerly `loss_att`.
+        loss_attribute (`torch.FloatTensor` of shape `()`): attribute-label loss times
+            `attribute_label_loss_weight` (from `attribute_labels`; not upstream, see `attribute_label_loss`).
+        loss_class (`torch.FloatTensor` of shape `()`): class cross-entropy times `class_label_loss_weight` (from
+            `class_labels`; not upstream).
+        logits (`torch.FloatTensor` of shape `(R, L, vocab)`): language-model logits (with `labels` or
+            `decoder_input_ids`).
         tag_logits (`torch.FloatTensor` of shape `(R, num_tags)`): tag logits (bf16-rounded when
             `config.quantize_head_outputs`).
         contrastive_logits (`torch.FloatTensor` of shape `(R, N)`): `s * exp(attr_t) + attr_b` of every local
             region against the captions of all ranks (N = regions of all ranks; only with `caption_embeds`).
         region_queries (`torch.FloatTensor` of shape `(R, num_query_tokens, qformer hidden)`): Q-Former output.
+        vision_outputs (`BaseModelOutputWithPooling`): the vision tower's outputs over the `R * V` views (row
+            `r * V + v`), with hidden states / attentions when asked.
+        qformer_outputs (`BaseModelOutputWithPoolingAndCrossAttentions`): the Q-Former's outputs.
+        language_model_outputs (`Seq2SeqLMOutput` or `CausalLMOutputWithPast`): the language model's outputs
+            (when it ran: with `labels` or `decoder_input_ids`).
     """
 
     loss: torch.FloatTensor | None = None
-    loss_llm: torch.FloatTensor | None = None
+    loss_caption: torch.FloatTensor | None = None
     loss_tag: torch.FloatTensor | None = None
-    loss_att: torch.FloatTensor | None = None
+    loss_region_text: torch.FloatTensor | None = None
+    loss_attribute: torch.FloatTensor | None = None
+    loss_class: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     tag_logits: torch.FloatTensor | None = None
     contrastive_logits: torch.FloatTensor | None = None
     region_queries: torch.FloatTensor | None = None
+    vision_outputs: BaseModelOutputWithPooling | None = None
+    qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+    language_model_outputs: ModelOutput | None = None
+
+    def to_tuple(self) -> tuple:
+        nested = ("vision_outputs", "qformer_outputs", "language_model_outputs")
+        return tuple(self[key].to_tuple() if key in nested else self[key] for key in self.keys())
+
+    def __getitem__(self, key):
+        if isinstance(key, str) and key in _RENAMED_OUTPUTS:
+            key = _renamed_output(key)
+        return super().__getitem__(key)
+
+    @property
+    def loss_llm(self) -> torch.FloatTensor | None:
+        """Deprecated name of `loss_caption`."""
+        return getattr(self, _renamed_output("loss_llm"))
+
+    @property
+    def loss_att(self) -> torch.FloatTensor | None:
+        """Deprecated name of `loss_region_text` (the region-caption contrastive loss)."""
+        return getattr(self, _renamed_output("loss_att"))
+
+
+# old DynReferOutput field names, kept readable (with a FutureWarning) by attribute and by key
+_RENAMED_OUTPUTS = {"loss_llm": "loss_caption", "loss_att": "loss_region_text"}
+
+
+def _renamed_output(old: str) -> str:
+    new = _RENAMED_OUTPUTS[old]
+    warnings.warn(f"DynReferOutput.{old} is deprecated: use {new}", FutureWarning, stacklevel=3)
+    return new
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -145,6 +203,60 @@ def sigmoid_contrastive_loss(logits: torch.Tensor, rank: int = 0, offset: int | 
     columns = torch.arange(batch, device=logits.device) + offset
     labels[torch.arange(batch, device=logits.device), columns] = 1
     return -F.logsigmoid(labels * logits).sum() / batch
+
+
+ATTRIBUTE_LABEL_LOSSES = ("bce", "group_softmax")
+
+
+def attribute_groups(attribute_names: Sequence[str]) -> list[list[int]]:
+    """Column indices of each attribute group, groups in first-seen order (`"color"` of `"color:red"`)."""
+    groups: dict[str, list[int]] = {}
+    for column, name in enumerate(attribute_names):
+        groups.setdefault(name.split(":")[0], []).append(column)
+    return list(groups.values())
+
+
+def attribute_label_loss(
+    logits: torch.Tensor, labels: torch.Tensor, kind: str = "bce", attribute_names: Sequence[str] | None = None
+) -> torch.Tensor:
+    """Loss of attribute logits `[R, A]` against region labels `[R, A]` in {1, 0, -1 (ignored)}.
+
+    * `"bce"`: binary cross-entropy (mean) over every label that is not -1 (any number of positives);
+    * `"group_softmax"`: cross-entropy within each attribute group (`"group:value"` names, `attribute_names`
+      required), mean over the (region, group) pairs with exactly one positive and no ignored label. Where
+      every group is single-valued (a colour, a texture, a size) this is the better-posed loss: BCE lets the
+      shared head settle on one constant score (the positive rate) for every attribute.
+
+    Returns 0 (still connected to `logits`) when nothing is labelled.
+    """
+    if kind not in ATTRIBUTE_LABEL_LOSSES:
+        raise ValueError(f"the attribute label loss must be one of {ATTRIBUTE_LABEL_LOSSES}, got {kind!r}")
+    logits = logits.float()
+    if kind == "group_softmax":
+        if attribute_names is None:
+            raise ValueError("the group_softmax attribute loss needs the attribute names (group:value)")
+        total, pairs = logits.sum() * 0.0, 0
+        for columns in attribute_groups(attribute_names):
+            group_labels = labels[:, columns]
+            usable = ((group_labels == 1).sum(dim=1) == 1) & (group_labels != -1).all(dim=1)
+            if usable.any():
+                target = group_labels[usable].argmax(dim=1)
+                total = total + F.cross_entropy(logits[usable][:, columns], target, reduction="sum")
+                pairs += int(usable.sum())
+        return total / max(pairs, 1)
+    labelled = labels != -1
+    if not labelled.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[labelled], labels[labelled].to(logits.dtype))
+
+
+def class_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of class logits `[R, C]` against class labels `[R]` (-1 = unlabelled, ignored); 0 when
+    no region has a class."""
+    logits = logits.float()
+    if not (labels != -1).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels, ignore_index=-1)
 
 
 def _gather_keep_local_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -224,30 +336,65 @@ class DynReferRegionAlign(nn.Module):
         return self.output_proj(sampled).permute(0, 3, 1, 2)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax(q k^T * scaling + mask) v` on `[B, heads, L, D]` inputs; returns `([B, L, heads, D], weights)`."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class DynReferCrossAttention(nn.Module):
-    """BERT cross-attention (`crossattention.self`): queries from the labels, keys/values from the region."""
+    """BERT cross-attention (`crossattention.self`): queries from the labels, keys/values from the region.
+
+    The attention itself is the function of `config._attn_implementation` in transformers' registry
+    (`ALL_ATTENTION_FUNCTIONS`: "sdpa" by default, also "flash_attention_*", "flex_attention" or a kernel),
+    "eager" being `eager_attention_forward`.
+    """
 
     def __init__(self, config: DynReferConfig):
         super().__init__()
         hidden = config.head_hidden_size
+        self.config = config
         self.num_heads = config.head_num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
         self.dropout = config.head_dropout
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
-        batch, length, hidden = states.shape
-        return states.view(batch, length, self.num_heads, hidden // self.num_heads).transpose(1, 2)
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         query = self._split_heads(self.query(hidden_states))
         key = self._split_heads(self.key(memory))
         value = self._split_heads(self.value(memory))
-        context = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=self.dropout if self.training else 0.0
-        )  # the memory mask is all ones upstream, so none is passed
-        return context.transpose(1, 2).flatten(2)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        context, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            None,  # the memory mask is all ones upstream, so none is passed
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        return context.flatten(2)
 
 
 class DynReferResidualOutput(nn.Module):
@@ -344,10 +491,19 @@ class DynReferPreTrainedModel(PreTrainedModel):
         "DynReferLabelHeadLayer",
     ]
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Initialise like a model inside transformers. Outside it, transformers assumes `_init_weights` may
+        overwrite loaded weights and skips every module without parameters of its own; that also skipped the
+        sub-models' own initialisation of such modules (T5Attention, T5's feed-forward blocks), leaving language
+        model weights missing from a checkpoint at random N(0, 1) values. Here every init goes through
+        `transformers.initialization`, which leaves loaded tensors alone, so the sub-models (dispatched to their
+        own `_init_weights` by `initialize_weights`) initialise exactly their missing weights."""
+        return False
+
     def _init_weights(self, module):
         super()._init_weights(module)
-        # Everything DynRefer-specific is set from the root: HF skips modules without direct parameters
-        # (such as DynReferRegionAlign) in models defined outside transformers.
+        # Everything DynRefer-specific is set from the root, in one place.
         if isinstance(module, DynReferForRegionCaptioning):
             align = module.cvem_align
             # upstream CustomDCNv4._reset_parameters; the depthwise conv keeps PyTorch's default init
@@ -374,9 +530,9 @@ class DynReferPreTrainedModel(PreTrainedModel):
                 module.attr_fc,
             ):
                 _torch_default_init(layer)
-            # placeholders until a converted checkpoint or `set_vocabulary` fills the tables
+            # zero placeholders (deterministic) until a checkpoint or `set_vocabulary` fills the tables
             for name in ("clip_embeds", "att_embeds", "ov_embeds"):
-                init.normal_(getattr(module, name), mean=0.0, std=1.0)
+                init.zeros_(getattr(module, name))
 
 
 def _torch_default_init(module: nn.Linear | nn.Conv2d) -> None:
@@ -562,7 +718,11 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             raise ValueError(f"each view must be [3, {size}, {size}], got {[channels, height, width]}")
         if regions == 0:
             raise ValueError("pixel_values holds no regions (R = 0)")
-        if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
+        # value checks read the tensors (a host sync): eager only, skipped inside torch.compile/export
+        checking_values = not torch.compiler.is_compiling()
+        if not pixel_values.is_floating_point() or (
+            checking_values and not bool(torch.isfinite(pixel_values).all())
+        ):
             raise ValueError("pixel_values must be floating point and free of NaN/inf")
         if not isinstance(view_boxes, torch.Tensor) or tuple(view_boxes.shape) != (regions, views, 4):
             shape = (
@@ -571,9 +731,11 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"view_boxes must be [R, V, 4] = [{regions}, {views}, 4] (x1, y1, x2, y2), got {shape}"
             )
-        if not view_boxes.is_floating_point() or not bool(torch.isfinite(view_boxes).all()):
+        if not view_boxes.is_floating_point() or (
+            checking_values and not bool(torch.isfinite(view_boxes).all())
+        ):
             raise ValueError("view_boxes must be floating point and free of NaN/inf")
-        if bool((view_boxes[..., 2:] < view_boxes[..., :2]).any()):
+        if checking_values and bool((view_boxes[..., 2:] < view_boxes[..., :2]).any()):
             raise ValueError("view_boxes must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1")
 
     @staticmethod
@@ -618,6 +780,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             spatial_scale=self.config.roi_spatial_scale,
             sampling_ratio=self.config.roi_sampling_ratio,
             aligned=self.config.roi_aligned,
+            check_values=False,  # batch indices built above; box values checked once in _check_views
         )
         size = roi_maps.shape[-1]
         roi_maps = roi_maps.view(regions, views, width, size, size)
@@ -638,9 +801,16 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
     def get_region_queries(self, pixel_values: torch.Tensor, view_boxes: torch.Tensor) -> torch.Tensor:
         """Views -> region queries `Q` `[R, num_query_tokens, qformer hidden]` (docs/upstream/model.md §2-§6)."""
         self._check_views(pixel_values, view_boxes)
-        return self._region_queries(pixel_values, view_boxes)
+        return self._encode_regions(pixel_values, view_boxes)[1].last_hidden_state
 
-    def _region_queries(self, pixel_values: torch.Tensor, view_boxes: torch.Tensor) -> torch.Tensor:
+    def _encode_regions(
+        self,
+        pixel_values: torch.Tensor,
+        view_boxes: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions]:
+        """The vision tower's outputs over the `R * V` views and the Q-Former's (region queries first)."""
         regions = pixel_values.shape[0]
         images = pixel_values.flatten(0, 1)  # index r*V + v
         # the frozen ViT needs no graph
@@ -649,12 +819,24 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable),
             self._autocast(images.device, torch.float16),
         ):
-            embeds = self.vision_model(pixel_values=images).last_hidden_state
-        embeds = embeds.to(self.cvem_mlp[0].weight.dtype)
+            vision_outputs = self.vision_model(
+                pixel_values=images,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        embeds = vision_outputs.last_hidden_state.to(self.cvem_mlp[0].weight.dtype)
         visual_embeds = self.fuse_views(embeds, view_boxes)
         query_tokens = self.query_tokens.expand(regions, -1, -1)
         # the encoder mask is all ones upstream, i.e. no mask
-        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=visual_embeds).last_hidden_state
+        qformer_outputs = self.qformer(
+            query_embeds=query_tokens,
+            encoder_hidden_states=visual_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        return vision_outputs, qformer_outputs
 
     # ------------------------------------------------------------------ heads
 
@@ -708,6 +890,16 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
                 normalize=True,
             )
 
+    def pool_attribute_prompts(self, prompt_scores: torch.Tensor) -> torch.Tensor:
+        """Per-prompt scores `[R, num_attribute_prompts]` -> per-attribute `[R, num_attributes]`: the max over
+        each attribute's `config.attribute_group_sizes[i]` consecutive prompts (docs/upstream/model.md §8).
+        Used for the predicted probabilities and the label-loss logits alike (max commutes with sigmoid)."""
+        sizes = torch.tensor(self.config.attribute_group_sizes, device=prompt_scores.device)
+        group_of_prompt = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
+        index = group_of_prompt.expand(prompt_scores.shape[0], -1)
+        pooled = prompt_scores.new_zeros(prompt_scores.shape[0], self.config.num_attributes)
+        return pooled.scatter_reduce(1, index, prompt_scores, "amax", include_self=False)
+
     def predict_labels(
         self, region_queries: torch.Tensor, tag_threshold: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -725,16 +917,7 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         attribute_probs = torch.sigmoid(
             self._quantize(self.attribute_similarity(region_queries, self.att_embeds))
         )
-        group_of_prompt = [
-            group for group, size in enumerate(self.config.attribute_group_sizes) for _ in range(size)
-        ]
-        index = torch.tensor(group_of_prompt, device=attribute_probs.device).expand(
-            attribute_probs.shape[0], -1
-        )
-        attribute_scores = attribute_probs.new_zeros(attribute_probs.shape[0], self.config.num_attributes)
-        attribute_scores = attribute_scores.scatter_reduce(
-            1, index, attribute_probs, "amax", include_self=False
-        )
+        attribute_scores = self.pool_attribute_prompts(attribute_probs)
         class_scores = self._quantize(self.attribute_similarity(region_queries, self.ov_embeds))
         return (
             _at_least_float32(tag_logits, like=region_queries),
@@ -742,6 +925,18 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             _at_least_float32(attribute_scores, like=region_queries),
             _at_least_float32(class_scores, like=region_queries),
         )
+
+    def attribute_label_logits(self, region_queries: torch.Tensor) -> torch.Tensor:
+        """Logits `[R, num_attributes]` of the attribute-label loss: the attribute head's raw scores `s`
+        (docs/upstream/model.md §8; max over each attribute's prompts) scaled as in the region-caption loss,
+        `s * exp(attr_t) + attr_b`: `s` compares L2-normalised vectors, too narrow a range to fit labels unscaled.
+        Inference ranks by `s` itself (`predict_labels`), which the scaling does not reorder."""
+        scores = self.attribute_similarity(region_queries, self.att_embeds).float()
+        return self.pool_attribute_prompts(scores * self.attr_t.exp() + self.attr_b)
+
+    def class_label_logits(self, region_queries: torch.Tensor) -> torch.Tensor:
+        """Logits `[R, num_classes]` of the class-label loss: `s * exp(attr_t)` of the class prompts (§9)."""
+        return self.attribute_similarity(region_queries, self.ov_embeds).float() * self.attr_t.exp()
 
     def _contrastive(self, region_queries: torch.Tensor, caption_embeds: torch.Tensor):
         """Sigmoid region-caption loss across ranks (docs/upstream/model.md §8) and the region->caption logits."""
@@ -804,32 +999,35 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             packed.append(tensor.gather(1, index))
         return packed
 
-    def _language_model_loss(self, embeds, mask, labels, decoder_attention_mask):
-        if self.config.use_decoder_only_language_model:
-            pad_id = self.config.text_config.pad_token_id
-            pad_id = 0 if pad_id is None else pad_id
-            caption_mask = (
-                (labels != -100) if decoder_attention_mask is None else decoder_attention_mask.bool()
-            )
-            caption_ids = labels.masked_fill(labels == -100, pad_id)
-            caption_embeds = self.get_input_embeddings()(caption_ids).to(embeds.dtype)
-            prefix_labels = torch.full(mask.shape, -100, dtype=labels.dtype, device=labels.device)
-            full_mask = torch.cat([mask, caption_mask.to(mask.dtype)], dim=1)
-            full_labels = torch.cat([prefix_labels, labels.masked_fill(~caption_mask, -100)], dim=1)
-            full_mask, full_embeds, full_labels = self._pack(
-                full_mask, torch.cat([embeds, caption_embeds], dim=1), full_labels, left=False
-            )
-            outputs = self.language_model(
-                inputs_embeds=full_embeds, attention_mask=full_mask, labels=full_labels
-            )
-        else:
-            outputs = self.language_model(
+    def _run_language_model(
+        self, embeds, mask, labels, decoder_input_ids, decoder_attention_mask, **output_flags
+    ) -> ModelOutput:
+        """The language model on the prefix `embeds`: teacher-forced on `labels` (-100 = ignored) or on
+        `decoder_input_ids` (seq2seq only); returns its output (`loss` with `labels`)."""
+        if not self.config.use_decoder_only_language_model:
+            return self.language_model(
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 labels=labels,
+                decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask,
+                return_dict=True,
+                **output_flags,
             )
-        return outputs.loss, outputs.logits
+        pad_id = self.config.text_config.pad_token_id
+        pad_id = 0 if pad_id is None else pad_id
+        caption_mask = (labels != -100) if decoder_attention_mask is None else decoder_attention_mask.bool()
+        caption_ids = labels.masked_fill(labels == -100, pad_id)
+        caption_embeds = self.get_input_embeddings()(caption_ids).to(embeds.dtype)
+        prefix_labels = torch.full(mask.shape, -100, dtype=labels.dtype, device=labels.device)
+        full_mask = torch.cat([mask, caption_mask.to(mask.dtype)], dim=1)
+        full_labels = torch.cat([prefix_labels, labels.masked_fill(~caption_mask, -100)], dim=1)
+        full_mask, full_embeds, full_labels = self._pack(
+            full_mask, torch.cat([embeds, caption_embeds], dim=1), full_labels, left=False
+        )
+        return self.language_model(
+            inputs_embeds=full_embeds, attention_mask=full_mask, labels=full_labels, return_dict=True, **output_flags
+        )
 
     # ------------------------------------------------------------------ forward / generate
 
@@ -839,10 +1037,15 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         view_boxes: torch.Tensor,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
-        labels: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
         tag_labels: torch.Tensor | None = None,
+        attribute_labels: torch.LongTensor | None = None,
+        class_labels: torch.LongTensor | None = None,
         caption_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> DynReferOutput | tuple:
         r"""
@@ -850,85 +1053,141 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             pixel_values (`torch.FloatTensor` of shape `(R, V, 3, S, S)`): nested views of every region.
             view_boxes (`torch.FloatTensor` of shape `(R, V, 4)`): target box inside each view, view pixels.
             input_ids, attention_mask (`torch.LongTensor` of shape `(R, T)`): tokenised control prompts.
-            labels (`torch.LongTensor` of shape `(R, L)`): caption tokens, padding = -100 -> `loss_llm`.
+            decoder_input_ids (`torch.LongTensor` of shape `(R, L)`): decoder inputs of a seq2seq language model
+                (default: `labels` shifted right, as T5 does) -> `logits`.
             decoder_attention_mask (`torch.LongTensor` of shape `(R, L)`): caption mask (upstream passes it).
+            labels (`torch.LongTensor` of shape `(R, L)`): caption tokens, padding = -100 -> `loss_caption`.
             tag_labels (`torch.Tensor` of shape `(R, num_tags)`): multi-hot tag targets (upstream: the union of
                 tag_set1 and tag_set2) -> `loss_tag`.
+            attribute_labels (`torch.LongTensor` of shape `(R, num_attributes)`): 1 / 0 / -1 (ignored) ->
+                `loss_attribute` (`config.attribute_label_loss`, weight `config.attribute_label_loss_weight`).
+            class_labels (`torch.LongTensor` of shape `(R,)`): class index, -1 = none -> `loss_class` (weight
+                `config.class_label_loss_weight`).
             caption_embeds (`torch.FloatTensor` of shape `(R, text_embed_dim)`): text-encoder embeddings of the
-                region captions -> `loss_att` (all-gathered across ranks under torch.distributed).
+                region captions -> `loss_region_text` (all-gathered across ranks under torch.distributed).
+            output_attentions, output_hidden_states (`bool`): return the attentions / hidden states of the
+                vision tower, the Q-Former and (when it runs) the language model in the nested outputs.
+
+        A loss part whose weight is 0 is not computed. Every loss is computed inside `forward`, so a plain
+        `transformers.Trainer` trains every head, also under DistributedDataParallel.
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        config = self.config
+        return_dict = config.return_dict if return_dict is None else return_dict
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         self._check_views(pixel_values, view_boxes)
         regions = pixel_values.shape[0]
         self._check_rows("input_ids", input_ids, regions)
         if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
             raise ValueError("attention_mask must come with input_ids and have its shape")
         self._check_rows("labels", labels, regions)
+        self._check_rows("decoder_input_ids", decoder_input_ids, regions)
+        if decoder_input_ids is not None and config.use_decoder_only_language_model:
+            raise ValueError(
+                "decoder_input_ids is for a seq2seq language model; this model's is decoder-only: give labels"
+            )
+        decoder_tokens = labels if decoder_input_ids is None else decoder_input_ids
         if decoder_attention_mask is not None and (
-            labels is None or decoder_attention_mask.shape != labels.shape
+            decoder_tokens is None or decoder_attention_mask.shape != decoder_tokens.shape
         ):
-            raise ValueError("decoder_attention_mask must come with labels and have its shape")
-        self._check_rows("tag_labels", tag_labels, regions, self.config.num_tags)
-        self._check_rows("caption_embeds", caption_embeds, regions, self.config.text_embed_dim)
+            raise ValueError(
+                "decoder_attention_mask must come with labels or decoder_input_ids and have their shape"
+            )
+        self._check_rows("tag_labels", tag_labels, regions, config.num_tags)
+        self._check_rows("attribute_labels", attribute_labels, regions, config.num_attributes)
+        if class_labels is not None and (
+            not isinstance(class_labels, torch.Tensor) or tuple(class_labels.shape) != (regions,)
+        ):
+            shape = list(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__
+            raise ValueError(f"class_labels must be [R={regions}] class indices (-1 = none), got {shape}")
+        self._check_rows("caption_embeds", caption_embeds, regions, config.text_embed_dim)
 
-        region_queries = self._region_queries(pixel_values, view_boxes)
+        output_flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        vision_outputs, qformer_outputs = self._encode_regions(pixel_values, view_boxes, **output_flags)
+        region_queries = qformer_outputs.last_hidden_state
 
         raw_tag_logits = self.tag_logits(region_queries)
         loss_tag = None
-        if tag_labels is not None:
-            config = self.config
+        if tag_labels is not None and config.tag_loss_weight != 0:
             loss_tag = config.tag_loss_weight * asymmetric_loss(
-                raw_tag_logits,
-                tag_labels,
-                config.asl_gamma_neg,
-                config.asl_gamma_pos,
-                config.asl_clip,
-                config.asl_eps,
+                raw_tag_logits, tag_labels, config.asl_gamma_neg, config.asl_gamma_pos, config.asl_clip, config.asl_eps
             )
 
-        loss_att = contrastive_logits = None
-        if caption_embeds is not None:
-            loss_att, contrastive_logits = self._contrastive(region_queries, caption_embeds)
+        loss_region_text = contrastive_logits = None
+        if caption_embeds is not None and config.attr_loss_weight != 0:
+            loss_region_text, contrastive_logits = self._contrastive(region_queries, caption_embeds)
 
-        loss_llm = logits = None
-        if labels is not None:
+        loss_attribute = None
+        if attribute_labels is not None and config.attribute_label_loss_weight != 0:
+            loss_attribute = config.attribute_label_loss_weight * attribute_label_loss(
+                self.attribute_label_logits(region_queries),
+                attribute_labels,
+                config.attribute_label_loss,
+                config.attribute_names,
+            )
+
+        loss_class = None
+        if class_labels is not None and config.class_label_loss_weight != 0:
+            loss_class = config.class_label_loss_weight * class_label_loss(
+                self.class_label_logits(region_queries), class_labels
+            )
+
+        loss_caption = logits = language_model_outputs = None
+        if labels is not None or decoder_input_ids is not None:
             embeds, mask = self._language_model_inputs(region_queries, input_ids, attention_mask)
             with self._autocast(embeds.device, torch.bfloat16):
-                loss_llm, logits = self._language_model_loss(embeds, mask, labels, decoder_attention_mask)
+                language_model_outputs = self._run_language_model(
+                    embeds, mask, labels, decoder_input_ids, decoder_attention_mask, **output_flags
+                )
+            loss_caption, logits = language_model_outputs.loss, language_model_outputs.logits
 
-        losses = [loss for loss in (loss_llm, loss_tag, loss_att) if loss is not None]
+        parts = (loss_caption, loss_tag, loss_region_text, loss_attribute, loss_class)
+        losses = [_at_least_float32(loss, like=region_queries) for loss in parts if loss is not None]
         output = DynReferOutput(
-            loss=torch.stack([_at_least_float32(loss, like=region_queries) for loss in losses]).sum()
+            loss=torch.stack(losses).sum()
             if losses
             else None,
-            loss_llm=loss_llm,
+            loss_caption=loss_caption,
             loss_tag=loss_tag,
-            loss_att=loss_att,
+            loss_region_text=loss_region_text,
+            loss_attribute=loss_attribute,
+            loss_class=loss_class,
             logits=logits,
             tag_logits=_at_least_float32(self._quantize(raw_tag_logits), like=region_queries),
             contrastive_logits=contrastive_logits,
             region_queries=region_queries,
+            vision_outputs=vision_outputs,
+            qformer_outputs=qformer_outputs,
+            language_model_outputs=language_model_outputs,
         )
         return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: torch.Tensor,
-        view_boxes: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        view_boxes: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
+        region_queries: torch.Tensor | None = None,
         **generate_kwargs,
     ):
         """Caption the regions; returns what the language model's `generate` returns (ids, or a
         `GenerateOutput` with `return_dict_in_generate=True`). Defaults: `self.generation_config`, the
-        released values (num_beams 2, max_new_tokens 20, repetition_penalty 1.5, length_penalty 0)."""
-        self._check_views(pixel_values, view_boxes)
-        self._check_rows("input_ids", input_ids, pixel_values.shape[0])
-        region_queries = self._region_queries(pixel_values, view_boxes)
-        return self._generate_from_queries(region_queries, input_ids, attention_mask, **generate_kwargs)
+        released values (num_beams 2, max_new_tokens 20, repetition_penalty 1.5, length_penalty 0).
 
-    def _generate_from_queries(self, region_queries, input_ids, attention_mask, **generate_kwargs):
+        The regions are given as views (`pixel_values`, `view_boxes`) or as their `region_queries` (from
+        `get_region_queries`, so that the label heads and generation share one visual pass).
+        """
+        if region_queries is None:
+            if pixel_values is None or view_boxes is None:
+                raise ValueError("generate needs pixel_values and view_boxes, or region_queries")
+            region_queries = self.get_region_queries(pixel_values, view_boxes)
+        elif pixel_values is not None or view_boxes is not None:
+            raise ValueError("give either pixel_values and view_boxes or region_queries to generate, not both")
+        self._check_rows("input_ids", input_ids, region_queries.shape[0])
         embeds, mask = self._language_model_inputs(region_queries, input_ids, attention_mask)
         if self.config.use_decoder_only_language_model:
             mask, embeds = self._pack(mask, embeds, left=True)
@@ -949,19 +1208,20 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         self,
         pixel_values: torch.Tensor,
         view_boxes: torch.Tensor,
-        tokenizer,
+        processor,
         controls: Sequence[Sequence[str] | str] | None = None,
         tag_threshold: float | None = None,
         **generate_kwargs,
     ) -> list[dict]:
-        """One record per region (docs/upstream/model.md §16): caption, score, tags, attribute and class scores.
+        """One record per region (docs/upstream/model.md §16): a convenience over `get_region_queries`,
+        `predict_labels`, the processor's control prompts, `generate` and the processor's
+        `post_process_generation`.
 
-        The control prompt of region r is `format_control_prompt(merge_control_words(controls[r], tags_r))`:
-        the user's words first, then the predicted tags in tag-list order (upstream used a hash-seed dependent
-        set order, docs/upstream/model.md §12).
+        The control prompt of region r holds the user's words first, then the predicted tags in tag-list order
+        (upstream used a hash-seed dependent set order, docs/upstream/model.md §12).
 
         Args:
-            tokenizer: the language model's tokenizer (control prompts and decoding).
+            processor: a `DynReferProcessor` (a bare tokenizer of the language model is accepted too).
             controls: per region, a list of words or a string of words separated by ",".
             tag_threshold: overrides `config.tag_threshold`.
 
@@ -969,52 +1229,36 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             `[{"caption": str, "score": float (exp of the sequence score), "tags": [str],
             "attribute_scores": [float] * num_attributes, "class_scores": [float] * num_classes}, ...]`.
         """
-        self._check_views(pixel_values, view_boxes)
-        regions = pixel_values.shape[0]
-        if controls is not None and len(controls) != regions:
+        from .processing_dynrefer import DynReferProcessor
+
+        if not isinstance(processor, DynReferProcessor):  # a tokenizer: the text side of a processor
+            processor = DynReferProcessor.for_tokenizer(processor, max_text_length=self.config.max_text_length)
+        regions = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else None
+        if controls is not None and regions is not None and len(controls) != regions:
             raise ValueError(f"controls has {len(controls)} entries for {regions} regions")
         if generate_kwargs.get("num_return_sequences", 1) != 1:
             raise ValueError(
                 "describe_regions returns one caption per region: num_return_sequences must be 1"
             )
-        region_queries = self._region_queries(pixel_values, view_boxes)
+        region_queries = self.get_region_queries(pixel_values, view_boxes)
         _, tag_mask, attribute_scores, class_scores = self.predict_labels(region_queries, tag_threshold)
-        tag_names = self.config.tag_names
-        tags = [[tag_names[i] for i in row.nonzero().flatten().tolist()] for row in tag_mask.cpu()]
-        prompts = []
-        for index, region_tags in enumerate(tags):
-            user = [] if controls is None else controls[index]
-            if isinstance(user, str):
-                user = user.split(",")
-            prompts.append(format_control_prompt(merge_control_words(user, region_tags)))
-        tokens = tokenizer(
-            prompts,
-            padding="longest",
-            truncation=True,
-            max_length=self.config.max_text_length,
-            return_tensors="pt",
-        ).to(region_queries.device)
+        tags = processor.tags_from_mask(tag_mask, self.config.tag_names)
+        prompts = processor.encode_control_prompts(controls, tags).to(region_queries.device)
         generate_kwargs.update(output_scores=True, return_dict_in_generate=True)
-        outputs = self._generate_from_queries(
-            region_queries, tokens.input_ids, tokens.attention_mask, **generate_kwargs
+        outputs = self.generate(
+            input_ids=prompts["input_ids"],
+            attention_mask=prompts["attention_mask"],
+            region_queries=region_queries,
+            **generate_kwargs,
         )
-        captions = tokenizer.batch_decode(outputs.sequences, skip_special_tokens=True)
-        scores = self._sequence_scores(outputs).exp().tolist()
-        return [
-            {
-                "caption": caption,
-                "score": score,
-                "tags": region_tags,
-                "attribute_scores": attributes,
-                "class_scores": classes,
-            }
-            for caption, score, region_tags, attributes, classes in zip(
-                captions, scores, tags, attribute_scores.tolist(), class_scores.tolist()
-            )
-        ]
+        return processor.post_process_generation(
+            outputs.sequences, self.sequence_scores(outputs), tags, attribute_scores, class_scores
+        )
 
-    def _sequence_scores(self, outputs) -> torch.Tensor:
-        """Beam search's `sequences_scores`; for greedy/sampling, the summed log-probabilities of the tokens."""
+    def sequence_scores(self, outputs) -> torch.Tensor:
+        """Log-probability `[R]` of each generated caption: beam search's `sequences_scores`; for greedy or
+        sampling, the summed log-probabilities of the tokens up to the first EOS. `outputs` is `generate`'s
+        output with `return_dict_in_generate=True, output_scores=True`."""
         if getattr(outputs, "sequences_scores", None) is not None:
             return _at_least_float32(outputs.sequences_scores)
         steps = len(outputs.scores)

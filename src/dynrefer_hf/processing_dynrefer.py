@@ -1,4 +1,5 @@
-"""DynReferProcessor: the image processor (nested views) plus the tokenizer (control prompts, captions)."""
+"""DynReferProcessor: the image processor (nested views) plus the tokenizer: text in (control prompts, caption
+labels) and text out (decoding and post-processing generated captions into region records)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,9 @@ from typing import Any
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from .prompts import CONTROL_SEPARATOR, format_control_prompt
+from .prompts import format_control_prompt, merge_control_words, parse_control_words
 
 __all__ = ["DynReferProcessor"]
-
-
-def _control_words(control: str | Sequence[str]) -> list[str]:
-    """A region's control words: a list of words, or one string of comma-separated words."""
-    if isinstance(control, str):
-        control = control.split(CONTROL_SEPARATOR)
-    words = [str(word).strip() for word in control]
-    return [word for word in words if word]
 
 
 class DynReferProcessor(ProcessorMixin):
@@ -72,11 +65,7 @@ class DynReferProcessor(ProcessorMixin):
         num_regions = features["region_image_index"].shape[0]
         data = dict(features)
         if controls is not None:
-            prompts = [
-                format_control_prompt(_control_words(control))
-                for control in self._per_region(controls, num_regions, "controls")
-            ]
-            encoded = self._tokenize(prompts)
+            encoded = self.encode_control_prompts(self._per_region(controls, num_regions, "controls"))
             data["input_ids"], data["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
         if text is not None:
             captions = self._per_region(text, num_regions, "text")
@@ -109,6 +98,87 @@ class DynReferProcessor(ProcessorMixin):
         return self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.max_text_length, return_tensors="pt"
         )
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, max_text_length: int = 32) -> DynReferProcessor:
+        """A processor for the text side only (prompts, decoding): ``tokenizer`` with a default image processor."""
+        from .image_processing_dynrefer import DynReferImageProcessor
+
+        return cls(DynReferImageProcessor(), tokenizer, max_text_length=max_text_length)
+
+    def build_control_prompts(
+        self,
+        controls: Sequence[str | Sequence[str] | None] | None = None,
+        tags: Sequence[Sequence[str]] | None = None,
+    ) -> list[str]:
+        """Upstream's control prompt of every region (docs/upstream/model.md §11-§12): its user words
+        (`controls[r]`: a list of words or a string of comma-separated words) first, then its predicted tags
+        (`tags[r]`), each word once, formatted `"w1,w2|"`. Give at least one of `controls` and `tags`."""
+        if controls is None and tags is None:
+            raise ValueError("build_control_prompts needs controls or tags (one entry per region)")
+        if controls is not None and tags is not None and len(controls) != len(tags):
+            raise ValueError(f"controls has {len(controls)} entries for {len(tags)} regions")
+        count = len(tags) if controls is None else len(controls)
+        controls = [None] * count if controls is None else controls
+        tags = [[]] * count if tags is None else tags
+        return [
+            format_control_prompt(merge_control_words(parse_control_words(words), region_tags))
+            for words, region_tags in zip(controls, tags)
+        ]
+
+    def encode_control_prompts(
+        self,
+        controls: Sequence[str | Sequence[str] | None] | None = None,
+        tags: Sequence[Sequence[str]] | None = None,
+    ) -> BatchFeature:
+        """`build_control_prompts` tokenised: `input_ids`, `attention_mask` `[R, T]` (padded to the longest,
+        truncated to `max_text_length`), the model's `input_ids` for `forward` and `generate`."""
+        return BatchFeature(data=dict(self._tokenize(self.build_control_prompts(controls, tags))))
+
+    @staticmethod
+    def tags_from_mask(tag_mask: torch.Tensor, tag_names: Sequence[str]) -> list[list[str]]:
+        """The names of the predicted tags of every region, in tag-list order, from a `[R, num_tags]` mask
+        (`DynReferForRegionCaptioning.predict_labels`)."""
+        if tag_mask.dim() != 2 or tag_mask.shape[1] != len(tag_names):
+            raise ValueError(f"tag_mask must be [R, {len(tag_names)}], got {list(tag_mask.shape)}")
+        return [[tag_names[i] for i in row.nonzero().flatten().tolist()] for row in tag_mask.cpu()]
+
+    def post_process_generation(
+        self,
+        sequences: torch.Tensor,
+        sequence_scores: torch.Tensor,
+        tags: Sequence[Sequence[str]],
+        attribute_scores: torch.Tensor,
+        class_scores: torch.Tensor,
+    ) -> list[dict]:
+        """Region records from the model's tensors (docs/upstream/model.md §16).
+
+        Args:
+            sequences: `[R, N]` generated ids; sequence_scores: `[R]` their log-probabilities
+                (`model.sequence_scores`); tags: the predicted tag names per region (`tags_from_mask`);
+                attribute_scores `[R, num_attributes]`, class_scores `[R, num_classes]` (`model.predict_labels`).
+
+        Returns:
+            `[{"caption": str, "score": float (exp of the sequence score), "tags": [str],
+            "attribute_scores": [float] * num_attributes, "class_scores": [float] * num_classes}, ...]`.
+        """
+        captions = self.batch_decode(sequences)
+        counts = {len(captions), len(sequence_scores), len(tags), len(attribute_scores), len(class_scores)}
+        if len(counts) != 1:
+            raise ValueError(f"post_process_generation got different numbers of regions: {sorted(counts)}")
+        scores = sequence_scores.float().exp().tolist()
+        return [
+            {
+                "caption": caption,
+                "score": score,
+                "tags": list(region_tags),
+                "attribute_scores": attributes,
+                "class_scores": classes,
+            }
+            for caption, score, region_tags, attributes, classes in zip(
+                captions, scores, tags, attribute_scores.tolist(), class_scores.tolist()
+            )
+        ]
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         """Decode generated token ids to captions (special tokens skipped by default, as upstream)."""

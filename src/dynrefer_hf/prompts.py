@@ -4,10 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["CONTROL_SEPARATOR", "CONTROL_TERMINATOR", "format_control_prompt", "merge_control_words"]
+__all__ = [
+    "CONTROL_SEPARATOR",
+    "CONTROL_TERMINATOR",
+    "format_control_prompt",
+    "merge_control_words",
+    "parse_control_words",
+]
 
 CONTROL_SEPARATOR = ","
 CONTROL_TERMINATOR = "|"
+
+
+def parse_control_words(control: str | Sequence[str] | None) -> list[str]:
+    """A region's control words from a list of words or one string of words separated by ``","``: each
+    stripped, empty ones dropped. ``None`` gives no words."""
+    if control is None:
+        return []
+    if isinstance(control, str):
+        control = control.split(CONTROL_SEPARATOR)
+    words = [str(word).strip() for word in control]
+    return [word for word in words if word]
 
 
 def format_control_prompt(words: Sequence[str]) -> str:

@@ -236,7 +236,7 @@ def check_model_folder(folder: str | os.PathLike, model_type: str = "dynrefer") 
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{config_file} is not a readable JSON file: {error}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+        raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")  # noqa: TRY004
     found = config.get("model_type")
     if found != model_type:
         what = "has no model_type" if found is None else f"is a {found!r} model"

@@ -6,7 +6,8 @@ whole image. View 0 is always the tight box; the other views are chosen
 
 * at inference by the *image prior*: the upstream perceptual hash (pHash) of every candidate view is
   compared with the hash of view 0 and the candidates are ranked greedily by
-  ``hamming distance / t`` (:func:`image_prior_ratios`);
+  ``hamming distance / t`` (:func:`image_prior_ratios`; :func:`select_image_prior_ratios` gives the
+  same choice without hashing candidates that can no longer be picked);
 * in training at random (:func:`random_ratios`);
 * or from a fixed, task-dependent set of ``t`` (:data:`TASK_PRIOR_RATIOS`, from the paper; the
   released code does not use them).
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 from PIL import Image
@@ -38,7 +39,9 @@ __all__ = [
     "mask_to_box",
     "random_ratios",
     "region_phash",
+    "region_phasher",
     "rgb_to_grey",
+    "select_image_prior_ratios",
     "standard_phash",
     "target_boxes_in_views",
     "task_prior_ratios",
@@ -79,17 +82,19 @@ def view_boxes(box: Sequence[float], ratios: Sequence[float], width: int, height
     """Views of ``box`` for each ``t`` in ``ratios``, interpolated toward the full image in float32.
 
     Args:
-        box: ``(x1, y1, x2, y2)`` in pixels.
-        ratios: the coefficients ``t`` (each cast to float32, as NumPy does with a Python float).
+        box: ``(x1, y1, x2, y2)`` in pixels, or a stack of boxes ``[..., 4]``.
+        ratios: the coefficients ``t`` (each cast to float32, as NumPy does with a Python float):
+            ``[V]``, or ``[..., V]`` with one row per box of a stack.
         width, height: image size.
 
     Returns:
-        ``[len(ratios), 4]`` float32 array, ``box + ((0, 0, width, height) - box) * t``.
+        ``[V, 4]`` (``[..., V, 4]`` for a stack) float32 array, ``box + ((0, 0, width, height) - box) * t``.
     """
-    box = np.asarray(box, dtype=np.float32).reshape(4)
+    box = np.asarray(box, dtype=np.float32)
+    box = box.reshape(4) if box.ndim < 2 else box
     full = np.array([0, 0, width, height], dtype=np.float32)
-    ratios = np.asarray(ratios, dtype=np.float32).reshape(-1, 1)
-    return box + (full - box) * ratios
+    ratios = np.asarray(ratios, dtype=np.float32)
+    return box[..., None, :] + (full - box[..., None, :]) * ratios[..., None]
 
 
 def widen_degenerate_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
@@ -152,24 +157,25 @@ def target_boxes_in_views(
     A crop already of the output size is left as is.
 
     Args:
-        target_box: ``[4]`` int64, the integer box of view 0.
-        crop_boxes: ``[V, 4]`` int64 integer view boxes.
+        target_box: ``[4]`` int64, the integer box of view 0 (or ``[..., 4]``, one per region).
+        crop_boxes: ``[V, 4]`` int64 integer view boxes (or ``[..., V, 4]``).
 
     Returns:
-        ``[V, 4]`` float32 array of integer values.
+        ``[V, 4]`` (``[..., V, 4]``) float32 array of integer values.
     """
-    target_box = np.asarray(target_box, dtype=np.int64).reshape(1, 4)
-    crop_boxes = np.asarray(crop_boxes, dtype=np.int64).reshape(-1, 4)
-    origin = crop_boxes[:, [0, 1, 0, 1]]
-    relative = target_box - origin
-    crop_w = crop_boxes[:, 2] - crop_boxes[:, 0]
-    crop_h = crop_boxes[:, 3] - crop_boxes[:, 1]
+    target_box = np.asarray(target_box, dtype=np.int64)
+    crop_boxes = np.asarray(crop_boxes, dtype=np.int64)
+    if target_box.ndim < 2:
+        target_box, crop_boxes = target_box.reshape(4), crop_boxes.reshape(-1, 4)
+    relative = target_box[..., None, :] - crop_boxes[..., [0, 1, 0, 1]]
+    crop_w = crop_boxes[..., 2] - crop_boxes[..., 0]
+    crop_h = crop_boxes[..., 3] - crop_boxes[..., 1]
     if np.any(crop_w <= 0) or np.any(crop_h <= 0):
         raise ValueError(f"empty crop in {crop_boxes.tolist()}: every view must cover at least one pixel")
-    # Python-float division rounded to float32, as torch.tensor([w_ratio, h_ratio, ...]) stores it.
-    ratio_w = np.array([width / w for w in crop_w.tolist()], dtype=np.float32)
-    ratio_h = np.array([height / h for h in crop_h.tolist()], dtype=np.float32)
-    ratios = np.stack([ratio_w, ratio_h, ratio_w, ratio_h], axis=1)
+    # Float64 division rounded to float32, as torch.tensor([w_ratio, h_ratio, ...]) stores Python's ratio.
+    ratio_w = (width / crop_w.astype(np.float64)).astype(np.float32)
+    ratio_h = (height / crop_h.astype(np.float64)).astype(np.float32)
+    ratios = np.stack([ratio_w, ratio_h, ratio_w, ratio_h], axis=-1)
     scaled = (relative.astype(np.float32) * ratios).astype(np.int64)
     unchanged = (crop_w == width) & (crop_h == height)
     scaled[unchanged] = relative[unchanged]
@@ -198,11 +204,16 @@ def rgb_to_grey(image: Image.Image | np.ndarray) -> np.ndarray:
         return image
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"rgb_to_grey expects an [H, W, 3] RGB array, got shape {image.shape}")
-    weights = np.array([4899, 9617, 1868], dtype=np.uint32)
     grey = np.empty(image.shape[:2], dtype=np.uint8)
     for start in range(0, image.shape[0], _GREY_ROWS_PER_CHUNK):  # bounds the uint32 temporaries
         rows = image[start : start + _GREY_ROWS_PER_CHUNK]
-        grey[start : start + _GREY_ROWS_PER_CHUNK] = (rows @ weights + (1 << 13)) >> 14
+        weighted = rows[..., 0].astype(np.uint32)
+        weighted *= 4899
+        weighted += rows[..., 1].astype(np.uint32) * 9617
+        weighted += rows[..., 2].astype(np.uint32) * 1868
+        weighted += 1 << 13
+        weighted >>= 14
+        grey[start : start + _GREY_ROWS_PER_CHUNK] = weighted
     return grey
 
 
@@ -275,8 +286,8 @@ def _phash_of_grey(grey: np.ndarray, box: Sequence[float], resolution: int = PHA
     rows_read, rows_map, _ = _resize_then_dct(crop.shape[0], resolution)
     cols_map = _resize_then_dct(crop.shape[1], resolution)[2]
     # Only the rows the resize reads are gathered (cheap, contiguous); columns are contracted densely,
-    # which costs less than gathering them.
-    block = (rows_map @ crop[rows_read].astype(np.float64)) @ cols_map.T
+    # which costs less than gathering them. A float64 grey image (region_phasher) is not copied again.
+    block = (rows_map @ crop[rows_read].astype(np.float64, copy=False)) @ cols_map.T
     return (block > block.mean()).astype(np.uint8).reshape(-1)
 
 
@@ -291,8 +302,8 @@ def region_phash(
     mean (strict). Only the 8x8 block is computed (``A_y @ crop @ A_x.T``).
 
     Args:
-        image: a PIL image, an ``[H, W, 3]`` RGB uint8 array, or an ``[H, W]`` uint8 grey array (pass the
-            grey image from :func:`rgb_to_grey` to hash many boxes of one image).
+        image: a PIL image, an ``[H, W, 3]`` RGB uint8 array, or an ``[H, W]`` uint8 grey array (to hash
+            many boxes of one image, use :func:`region_phasher`).
         box: ``(x1, y1, x2, y2)``, floats.
 
     Returns:
@@ -302,6 +313,17 @@ def region_phash(
         ValueError: if the box selects no pixel (upstream's OpenCV call would fail there).
     """
     return _phash_of_grey(rgb_to_grey(image), box, resolution)
+
+
+def region_phasher(
+    image: Image.Image | np.ndarray, resolution: int = PHASH_RESOLUTION
+) -> Callable[[Sequence[float]], np.ndarray]:
+    """:func:`region_phash` for many boxes of one image: ``box -> hash``, the grey image made once.
+
+    The grey image is kept in float64, so that no box converts its crop again; the hashes are those
+    of :func:`region_phash`.
+    """
+    return partial(_phash_of_grey, rgb_to_grey(image).astype(np.float64), resolution=resolution)
 
 
 def standard_phash(image: Image.Image | np.ndarray, box: Sequence[float]) -> np.ndarray:
@@ -370,6 +392,45 @@ def image_prior_ratios(
     distances = hamming_distances(hashes[0], hashes[1:])
     picked = greedy_select_indices(distances / np.asarray(candidates, dtype=np.float64), num_views - 1)
     return [0.0, *(candidates[i] for i in picked)], distances
+
+
+def select_image_prior_ratios(
+    box_hash: Callable[[np.ndarray], np.ndarray],
+    box: Sequence[float],
+    width: int,
+    height: int,
+    num_views: int = 3,
+    candidates: Sequence[float] = CANDIDATE_RATIOS,
+) -> list[float]:
+    """The ratios of :func:`image_prior_ratios`, hashing only the candidates that can still be picked.
+
+    A candidate's score ``hamming / t`` is at most ``bits / t`` (64 bits). Candidates are hashed in
+    order; once the ``num_views - 1``-th best score so far is positive and at least the bound of every
+    candidate not yet hashed, none of those can be picked (a later index wins a tie only when strictly
+    greater), so the greedy pick over the hashed candidates is the pick over all of them. With the
+    released grid small ``t`` win most of the time, and the large views (the costliest hashes) are
+    skipped. Candidates must be positive.
+
+    Returns:
+        the ``num_views`` ratios ``[0.0, best, second, ...]``, identical to ``image_prior_ratios(...)[0]``.
+    """
+    picks = num_views - 1
+    if picks < 1:
+        return [0.0]
+    boxes = view_boxes(box, [0.0, *candidates], width, height)
+    reference = box_hash(boxes[0])
+    t = np.asarray(candidates, dtype=np.float64)
+    bounds = np.float64(reference.size) / t
+    bound_of_rest = np.maximum.accumulate(bounds[::-1])[::-1]  # [i]: the highest bound from candidate i on
+    scores: list[float] = []
+    for index in range(len(candidates)):
+        if len(scores) >= picks:
+            kth_best = sorted(scores, reverse=True)[picks - 1]
+            if kth_best > 0 and kth_best >= bound_of_rest[index]:
+                break
+        distance = hamming_distances(reference, box_hash(boxes[index + 1])[None])[0]
+        scores.append(distance / t[index])
+    return [0.0, *(candidates[i] for i in greedy_select_indices(scores, picks))]
 
 
 def random_ratios(

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dynrefer_hf.cli.train_demo",
     "dynrefer_hf.cli.scene",
     "dynrefer_hf.cli.convert",
+    "dynrefer_hf.cli.demo",
 )
 
 

@@ -10,6 +10,13 @@ Each public function validates and normalises its arguments, then dispatches to 
 
 ``backend=None`` reads the environment variable ``DYNREFER_OPS_BACKEND`` (default ``"auto"``).
 Nothing here imports Triton at module load, so ``import dynrefer_hf`` works without Triton or a GPU.
+
+The backends are ``torch.library`` operators (``dynrefer::roi_align``, ``dynrefer::offset_resample``, and
+``dynrefer::roi_align_triton``, ``dynrefer::offset_resample_triton`` once the kernel modules are imported),
+each with a fake implementation, a backward operator and torchvision's autocast rule, so ``torch.compile``
+and ``torch.export`` trace through these functions without graph breaks. Shape, dtype and device checks
+always run (they cost no host sync); value checks (finite boxes, valid batch indices) read tensor values,
+so they run only in eager mode unless asked for (``check_values``, ``DYNREFER_OPS_CHECK_VALUES``).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from .reference import offset_resample_reference, roi_align_reference
+from . import reference  # noqa: F401 (registers dynrefer::roi_align and dynrefer::offset_resample)
 
 __all__ = ["BACKENDS", "RoIAlign", "offset_resample", "resolve_backend", "roi_align"]
 
@@ -33,9 +40,10 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "triton")
 _ENV_BACKEND = "DYNREFER_OPS_BACKEND"
+_ENV_CHECK_VALUES = "DYNREFER_OPS_CHECK_VALUES"
 _KERNEL_MODULES = {
-    "roi_align": ("dynrefer_hf.ops.triton_roi_align", "roi_align_triton"),
-    "offset_resample": ("dynrefer_hf.ops.triton_offset_resample", "offset_resample_triton"),
+    "roi_align": "dynrefer_hf.ops.triton_roi_align",
+    "offset_resample": "dynrefer_hf.ops.triton_offset_resample",
 }
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,6 +66,10 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     Returns ``"reference"`` or ``"triton"``; in auto mode the answer is ``"triton"`` only if the kernel
     could run on ``tensor`` (CUDA with Triton installed, or Triton's interpreter switched on).
     """
+    return _resolve(backend, tensor.device.type)
+
+
+def _resolve(backend: str | None, device_type: str) -> str:
     if backend is None:
         backend = os.environ.get(_ENV_BACKEND, "auto") or "auto"
     if backend not in BACKENDS:
@@ -66,24 +78,25 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
         )
     if backend != "auto":
         return backend
-    if _triton_interpret() or (tensor.is_cuda and _triton_importable()):
+    if _triton_interpret() or (device_type == "cuda" and _triton_importable()):
         return "triton"
     return "reference"
 
 
-def _load_kernel(op: str, explicit: bool):
-    """The Triton entry point of ``op``, or ``None`` in auto mode when it cannot be imported."""
-    module_name, function_name = _KERNEL_MODULES[op]
+def _load_kernel(op: str, explicit: bool) -> bool:
+    """Import the kernel module of ``op`` (registering its operator); ``False`` in auto mode when it fails."""
+    module_name = _KERNEL_MODULES[op]
     try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
+        importlib.import_module(module_name)
+    except ImportError as error:
         if explicit:
             raise RuntimeError(
-                f"backend='triton' was asked for {op}, but {module_name}.{function_name} cannot be loaded "
+                f"backend='triton' was asked for {op}, but {module_name} cannot be imported "
                 f"({error}); install triton (pip install 'dynrefer_hf[triton]') or use backend='reference'"
             ) from error
         _warn_fallback(op, str(error))
-        return None
+        return False
+    return True
 
 
 @cache
@@ -91,17 +104,32 @@ def _warn_fallback(op: str, reason: str) -> None:
     logger.warning("Triton kernel for %s unavailable (%s); using the PyTorch reference.", op, reason)
 
 
-def _dispatch(op: str, backend: str | None, tensor: torch.Tensor):
-    """The kernel to call for ``op`` on ``tensor``, or ``None`` for the reference."""
+@torch.compiler.assume_constant_result
+def _use_triton(op: str, backend: str | None, device_type: str) -> bool:
+    """Whether ``op`` runs on the Triton operator (importing its module registers it) or the reference.
+
+    Under ``torch.compile``/``torch.export`` this runs once while tracing and its answer is baked into the
+    graph (no guard on the environment), so the backend is chosen when a graph is traced.
+    """
     explicit = backend == "triton" or (backend is None and os.environ.get(_ENV_BACKEND) == "triton")
-    if resolve_backend(backend, tensor) == "reference":
-        return None
-    if explicit and not (tensor.is_cuda or _triton_interpret()):
+    if _resolve(backend, device_type) == "reference":
+        return False
+    if explicit and not (device_type == "cuda" or _triton_interpret()):
         raise RuntimeError(
-            f"backend='triton' was asked for {op} on a {tensor.device.type} tensor; the kernels need a CUDA "
+            f"backend='triton' was asked for {op} on a {device_type} tensor; the kernels need a CUDA "
             "tensor or TRITON_INTERPRET=1 (set before triton is imported)"
         )
     return _load_kernel(op, explicit)
+
+
+def _check_values(check_values: bool | None) -> bool:
+    """Whether to run the value checks: the argument, else ``DYNREFER_OPS_CHECK_VALUES``, else eager only."""
+    if check_values is not None:
+        return bool(check_values)
+    setting = os.environ.get(_ENV_CHECK_VALUES, "")
+    if setting:
+        return setting != "0"
+    return not torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -156,23 +184,38 @@ def _boxes_to_rois(boxes: torch.Tensor | Sequence[torch.Tensor], input: torch.Te
     else:
         raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
     _check_float(rois, "boxes")
-    if rois.dtype != input.dtype:
-        raise ValueError(
-            f"boxes dtype {rois.dtype} does not match input dtype {input.dtype} (as in torchvision)"
-        )
+    _check_same_dtype(rois, "boxes", input, "input")
     if rois.device != input.device:
         raise ValueError(f"boxes are on {rois.device} but input is on {input.device}")
-    if rois.shape[0]:
-        if not bool(torch.isfinite(rois).all()):
-            raise ValueError("boxes contain NaN or infinite values")
-        batch_index = rois[:, 0]
-        if bool(
-            ((batch_index < 0) | (batch_index >= input.shape[0]) | (batch_index != batch_index.floor())).any()
-        ):
-            raise ValueError(
-                f"box batch indices must be integers in [0, {input.shape[0]}), got {batch_index.tolist()}"
-            )
     return rois
+
+
+def _check_same_dtype(tensor: torch.Tensor, name: str, other: torch.Tensor, other_name: str) -> None:
+    """Same dtype, as torchvision asks; inside an autocast region mixed dtypes are fine (both become fp32)."""
+    if tensor.dtype == other.dtype:
+        return
+    if torch.is_autocast_enabled(other.device.type) and torch.float64 not in (tensor.dtype, other.dtype):
+        return
+    raise ValueError(
+        f"{name} dtype {tensor.dtype} does not match {other_name} dtype {other.dtype} (as in torchvision; "
+        "mixed float16/bfloat16/float32 are accepted inside an autocast region)"
+    )
+
+
+def _check_roi_values(rois: torch.Tensor, num_images: int) -> None:
+    """Finite boxes and integer batch indices in ``[0, num_images)``: one host sync, eager only by default."""
+    if rois.shape[0] == 0:
+        return
+    batch_index = rois[:, 0]
+    finite = torch.isfinite(rois).all()
+    valid_index = (
+        (batch_index >= 0) & (batch_index < num_images) & (batch_index == batch_index.floor())
+    ).all()
+    if bool(finite & valid_index):
+        return
+    if not bool(finite):
+        raise ValueError("boxes contain NaN or infinite values")
+    raise ValueError(f"box batch indices must be integers in [0, {num_images}), got {batch_index.tolist()}")
 
 
 # ----------------------------------------------------------------------------------------------- roi_align
@@ -188,13 +231,14 @@ def roi_align(
     *,
     backend: str | None = None,
     deterministic: bool = False,
+    check_values: bool | None = None,
 ) -> torch.Tensor:
     """RoIAlign with the signature and numbers of ``torchvision.ops.roi_align`` (no torchvision needed).
 
     Args:
         input: ``[N, C, H, W]`` float64/32/16 or bfloat16 feature map.
         boxes: ``Tensor[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or a list of N ``Tensor[L, 4]``
-            (one per image); same dtype and device as ``input``. Boxes get no gradient.
+            (one per image); same device as ``input``, same dtype outside autocast. Boxes get no gradient.
         output_size: ``int`` or ``(out_h, out_w)``.
         spatial_scale: box coordinates times this give feature cells (DynRefer: ``1/14``).
         sampling_ratio: samples per bin and axis; ``<= 0`` is adaptive (``ceil(roi_size / out_size)``).
@@ -202,9 +246,13 @@ def roi_align(
         backend: ``None`` (read ``DYNREFER_OPS_BACKEND``), ``"auto"``, ``"reference"`` or ``"triton"``.
         deterministic: ask the Triton kernel for a backward without float atomics (also on under
             ``torch.use_deterministic_algorithms(True)``); the reference ignores it.
+        check_values: check that boxes are finite and batch indices valid (reads the boxes: one host
+            sync). ``None`` reads ``DYNREFER_OPS_CHECK_VALUES`` (``0``/``1``); unset, the checks run in
+            eager mode and are skipped under ``torch.compile``/``torch.export``.
 
     Returns:
-        ``[K, C, out_h, out_w]`` in the dtype of ``input``.
+        ``[K, C, out_h, out_w]`` in the dtype of ``input`` (also inside an autocast region, where the math
+        is float32 as in torchvision).
     """
     _check_float(input, "input")
     if input.dim() != 4:
@@ -215,21 +263,13 @@ def roi_align(
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
         raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
     rois = _boxes_to_rois(boxes, input)
-    kernel = _dispatch("roi_align", backend, input)
-    if kernel is None:
-        return roi_align_reference(
-            input, rois, output_hw, float(spatial_scale), sampling_ratio, bool(aligned)
-        )
+    if _check_values(check_values):
+        _check_roi_values(rois, input.shape[0])
+    args = (input, rois, list(output_hw), float(spatial_scale), sampling_ratio, bool(aligned))
+    if not _use_triton("roi_align", backend, input.device.type):
+        return torch.ops.dynrefer.roi_align(*args)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    return kernel(
-        input,
-        rois,
-        output_hw,
-        float(spatial_scale),
-        sampling_ratio,
-        bool(aligned),
-        deterministic=deterministic,
-    )
+    return torch.ops.dynrefer.roi_align_triton(*args, bool(deterministic))
 
 
 class RoIAlign(nn.Module):
@@ -303,7 +343,8 @@ def offset_resample(
             ``torch.use_deterministic_algorithms(True)``); the reference ignores it.
 
     Returns:
-        ``[N, H_out, W_out, C]`` in the dtype of ``value``.
+        ``[N, H_out, W_out, C]`` in the dtype of ``value`` (inside an autocast region ``offset_mask`` may
+        have another float dtype and the math is float32).
     """
     _check_float(value, "value")
     _check_float(offset_mask, "offset_mask")
@@ -311,8 +352,7 @@ def offset_resample(
         raise ValueError(f"value must be [N, H, W, C] (channels last), got shape {list(value.shape)}")
     if offset_mask.dim() != 4:
         raise ValueError(f"offset_mask must be [N, H_out, W_out, M], got shape {list(offset_mask.shape)}")
-    if offset_mask.dtype != value.dtype:
-        raise ValueError(f"offset_mask dtype {offset_mask.dtype} does not match value dtype {value.dtype}")
+    _check_same_dtype(offset_mask, "offset_mask", value, "value")
     if offset_mask.device != value.device:
         raise ValueError(f"offset_mask is on {offset_mask.device} but value is on {value.device}")
     kernel_hw = _pair(kernel_size, "kernel_size", 1)
@@ -349,9 +389,18 @@ def offset_resample(
             f"got {offset_mask.shape[3]}"
         )
 
-    kernel = _dispatch("offset_resample", backend, value)
-    args = (kernel_hw, stride_hw, padding_hw, dilation_hw, group, float(offset_scale), bool(remove_center))
-    if kernel is None:
-        return offset_resample_reference(value, offset_mask, *args)
+    args = (
+        value,
+        offset_mask,
+        list(kernel_hw),
+        list(stride_hw),
+        list(padding_hw),
+        list(dilation_hw),
+        group,
+        float(offset_scale),
+        bool(remove_center),
+    )
+    if not _use_triton("offset_resample", backend, value.device.type):
+        return torch.ops.dynrefer.offset_resample(*args)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    return kernel(value, offset_mask, *args, deterministic=deterministic)
+    return torch.ops.dynrefer.offset_resample_triton(*args, bool(deterministic))

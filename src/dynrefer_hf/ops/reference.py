@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["offset_resample_reference", "roi_align_reference"]
+from ._library import register_float32_autocast
+
+__all__ = [
+    "offset_resample_backward_reference",
+    "offset_resample_reference",
+    "roi_align_backward_reference",
+    "roi_align_reference",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,6 +76,50 @@ def _roi_axis_weights(
     return weights
 
 
+def _roi_weights(
+    rois: torch.Tensor,
+    size: tuple[int, int],
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    compute: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch index ``[K]``, row weights ``[K, out_h, H]``, column weights ``[K, out_w, W]`` and sample count ``[K]``."""
+    out_h, out_w = output_size
+    height, width = size
+    rois = rois.detach().to(compute)
+    batch_index = rois[:, 0].long()  # torchvision truncates the float index
+
+    offset = 0.5 if aligned else 0.0
+    start_x = rois[:, 1] * spatial_scale - offset
+    start_y = rois[:, 2] * spatial_scale - offset
+    roi_w = rois[:, 3] * spatial_scale - offset - start_x
+    roi_h = rois[:, 4] * spatial_scale - offset - start_y
+    if not aligned:  # legacy behaviour: rois are at least one cell
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    bin_w = roi_w / out_w
+    bin_h = roi_h / out_h
+
+    if sampling_ratio > 0:
+        grid_h = torch.full_like(batch_index, sampling_ratio)
+        grid_w = grid_h
+        max_h = max_w = sampling_ratio
+    else:
+        grid_h = torch.ceil(roi_h / out_h).long().clamp(min=0)
+        grid_w = torch.ceil(roi_w / out_w).long().clamp(min=0)
+        if rois.shape[0] == 0:
+            max_h = max_w = 1
+        else:  # one host sync: the sample grid is padded to the largest per-box count and masked
+            max_h, max_w = (int(v) for v in torch.stack([grid_h.max(), grid_w.max()]).clamp(min=1).tolist())
+
+    weights_y = _roi_axis_weights(start_y, bin_h, grid_h, max_h, out_h, height)  # [K, out_h, H]
+    weights_x = _roi_axis_weights(start_x, bin_w, grid_w, max_w, out_w, width)  # [K, out_w, W]
+    count = (grid_h * grid_w).clamp(min=1).to(compute)
+    return batch_index, weights_y, weights_x, count
+
+
 def roi_align_reference(
     input: torch.Tensor,
     boxes: torch.Tensor,
@@ -90,46 +141,45 @@ def roi_align_reference(
         aligned: ``True`` shifts boxes by half a cell and lets them be smaller than one cell.
 
     Returns:
-        ``[K, C, out_h, out_w]`` in the dtype of ``input``.
+        ``[K, C, out_h, out_w]`` contiguous, in the dtype of ``input``. Differentiable in ``input`` through
+        plain autograd; the ``dynrefer::roi_align`` operator uses :func:`roi_align_backward_reference`.
     """
-    out_h, out_w = output_size
-    _, _, height, width = input.shape
+    _, channels, height, width = input.shape
     compute = _compute_dtype(input.dtype)
-    rois = boxes.detach().to(compute)
-    batch_index = rois[:, 0].long()  # torchvision truncates the float index
-
-    offset = 0.5 if aligned else 0.0
-    start_x = rois[:, 1] * spatial_scale - offset
-    start_y = rois[:, 2] * spatial_scale - offset
-    roi_w = rois[:, 3] * spatial_scale - offset - start_x
-    roi_h = rois[:, 4] * spatial_scale - offset - start_y
-    if not aligned:  # legacy behaviour: rois are at least one cell
-        roi_w = roi_w.clamp(min=1.0)
-        roi_h = roi_h.clamp(min=1.0)
-    bin_w = roi_w / out_w
-    bin_h = roi_h / out_h
-
-    if sampling_ratio > 0:
-        grid_h = torch.full_like(batch_index, sampling_ratio)
-        grid_w = grid_h
-    else:
-        grid_h = torch.ceil(roi_h / out_h).long()
-        grid_w = torch.ceil(roi_w / out_w).long()
-    grid_h, grid_w = grid_h.clamp(min=0), grid_w.clamp(min=0)
-    if rois.shape[0] == 0:
-        max_h = max_w = 1
-    else:  # one host sync: the sample grid is padded to the largest per-box count and masked
-        max_h, max_w = (int(v) for v in torch.stack([grid_h.max(), grid_w.max()]).clamp(min=1).tolist())
-
-    weights_y = _roi_axis_weights(start_y, bin_h, grid_h, max_h, out_h, height)  # [K, out_h, H]
-    weights_x = _roi_axis_weights(start_x, bin_w, grid_w, max_w, out_w, width)  # [K, out_w, W]
-    count = (grid_h * grid_w).clamp(min=1).to(compute)
-
+    batch_index, weights_y, weights_x, count = _roi_weights(
+        boxes, (height, width), output_size, spatial_scale, sampling_ratio, aligned, compute
+    )
     features = input.to(compute).index_select(0, batch_index)  # [K, C, H, W]
     # Contract x as one large batched matmul, then y; ~2x faster than per-channel small matmuls.
-    columns = (features.flatten(1, 2) @ weights_x.transpose(1, 2)).unflatten(1, (input.shape[1], height))
+    columns = (features.flatten(1, 2) @ weights_x.transpose(1, 2)).unflatten(1, (channels, height))
     pooled = torch.einsum("kph,kchq->kcpq", weights_y, columns)  # [K, C, out_h, out_w]
-    return (pooled / count[:, None, None, None]).to(input.dtype)
+    return (pooled / count[:, None, None, None]).to(input.dtype).contiguous()
+
+
+def roi_align_backward_reference(
+    grad_output: torch.Tensor,
+    boxes: torch.Tensor,
+    input_shape: tuple[int, int, int, int],
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
+    """Gradient of :func:`roi_align_reference` with respect to ``input`` (RoIAlign is linear in ``input``).
+
+    Box ``k`` adds ``A_y^T @ grad[k] @ A_x / count`` to its image; boxes of the same image are summed with
+    ``index_add``. Returns ``input_shape`` contiguous, in the dtype of ``grad_output``.
+    """
+    compute = _compute_dtype(grad_output.dtype)
+    _, _, height, width = input_shape
+    batch_index, weights_y, weights_x, count = _roi_weights(
+        boxes, (height, width), output_size, spatial_scale, sampling_ratio, aligned, compute
+    )
+    grad = grad_output.to(compute) / count[:, None, None, None]
+    rows = torch.einsum("kph,kcpq->kchq", weights_y, grad)  # [K, C, H, out_w]
+    per_box = rows @ weights_x[:, None]  # [K, C, H, W]
+    grad_input = per_box.new_zeros(input_shape).index_add_(0, batch_index, per_box)
+    return grad_input.to(grad_output.dtype)
 
 
 def _tap_offsets(
@@ -206,4 +256,180 @@ def offset_resample_reference(
     masks = masks.permute(0, 3, 1, 2, 4).reshape(batch * group, out_h * out_w, points)
     out = torch.einsum("bdqk,bqk->bqd", sampled, masks)  # [N*G, Ho*Wo, D]
     out = out.unflatten(0, (batch, group)).permute(0, 2, 1, 3).reshape(batch, out_h, out_w, channels)
-    return out.to(value.dtype)
+    return out.to(value.dtype).contiguous()
+
+
+def offset_resample_backward_reference(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    group: int,
+    offset_scale: float,
+    remove_center: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`offset_resample_reference` for ``value`` and ``offset_mask``, contiguous.
+
+    The forward is recomputed and differentiated with ``torch.func.vjp`` (``grid_sample``'s own backward), so
+    the forward of the ``dynrefer::offset_resample`` operator keeps none of its large intermediate samples;
+    ``torch.func`` also differentiates where the operator runs below the autograd dispatch key (compiled
+    backward graphs).
+    """
+
+    def forward(value, offset_mask):
+        return offset_resample_reference(
+            value, offset_mask, kernel_size, stride, padding, dilation, group, offset_scale, remove_center
+        )
+
+    _, vjp = torch.func.vjp(forward, value.detach(), offset_mask.detach())
+    grad_value, grad_offset_mask = vjp(grad_output)
+    return grad_value.contiguous(), grad_offset_mask.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ operators
+# dynrefer::roi_align and dynrefer::offset_resample: the reference as opaque torch.library operators, with
+# fake (shape) implementations so torch.compile and torch.export see static output shapes, explicit backward
+# operators, and torchvision's autocast rule (docs/ops.md, "Operators").
+
+
+@torch.library.custom_op("dynrefer::roi_align", mutates_args=())
+def _roi_align_op(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: list[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
+    return roi_align_reference(input, rois, tuple(output_size), spatial_scale, sampling_ratio, aligned)
+
+
+@_roi_align_op.register_fake
+def _(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    return input.new_empty(rois.shape[0], input.shape[1], output_size[0], output_size[1])
+
+
+@torch.library.custom_op("dynrefer::roi_align_backward", mutates_args=())
+def _roi_align_backward_op(
+    grad_output: torch.Tensor,
+    rois: torch.Tensor,
+    input_shape: list[int],
+    output_size: list[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
+    return roi_align_backward_reference(
+        grad_output, rois, tuple(input_shape), tuple(output_size), spatial_scale, sampling_ratio, aligned
+    )
+
+
+@_roi_align_backward_op.register_fake
+def _(grad_output, rois, input_shape, output_size, spatial_scale, sampling_ratio, aligned):
+    return grad_output.new_empty(input_shape)
+
+
+def _roi_align_setup_context(ctx, inputs, output):
+    input, rois, output_size, spatial_scale, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.input_shape = list(input.shape)
+    ctx.config = (list(output_size), spatial_scale, sampling_ratio, aligned)
+
+
+def _roi_align_grad(ctx, grad_output):
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        (rois,) = ctx.saved_tensors
+        grad_input = _roi_align_backward_op(grad_output, rois, ctx.input_shape, *ctx.config)
+    return grad_input, None, None, None, None, None
+
+
+_roi_align_op.register_autograd(_roi_align_grad, setup_context=_roi_align_setup_context)
+
+
+@torch.library.custom_op("dynrefer::offset_resample", mutates_args=())
+def _offset_resample_op(
+    value: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    group: int,
+    offset_scale: float,
+    remove_center: bool,
+) -> torch.Tensor:
+    return offset_resample_reference(
+        value,
+        offset_mask,
+        tuple(kernel_size),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        group,
+        offset_scale,
+        remove_center,
+    )
+
+
+@_offset_resample_op.register_fake
+def _(value, offset_mask, kernel_size, stride, padding, dilation, group, offset_scale, remove_center):
+    return value.new_empty(*offset_mask.shape[:3], value.shape[3])
+
+
+@torch.library.custom_op("dynrefer::offset_resample_backward", mutates_args=())
+def _offset_resample_backward_op(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    group: int,
+    offset_scale: float,
+    remove_center: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return offset_resample_backward_reference(
+        grad_output,
+        value,
+        offset_mask,
+        tuple(kernel_size),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        group,
+        offset_scale,
+        remove_center,
+    )
+
+
+@_offset_resample_backward_op.register_fake
+def _(grad_output, value, offset_mask, *config):
+    return value.new_empty(value.shape), offset_mask.new_empty(offset_mask.shape)
+
+
+def _offset_resample_setup_context(ctx, inputs, output):
+    value, offset_mask, *config = inputs
+    ctx.save_for_backward(value, offset_mask)
+    ctx.config = config
+
+
+def _offset_resample_grad(ctx, grad_output):
+    value, offset_mask = ctx.saved_tensors
+    grad_value, grad_offset_mask = _offset_resample_backward_op(grad_output, value, offset_mask, *ctx.config)
+    return grad_value, grad_offset_mask, None, None, None, None, None, None, None
+
+
+_offset_resample_op.register_autograd(_offset_resample_grad, setup_context=_offset_resample_setup_context)
+
+for _qualname, _result_like in (
+    ("dynrefer::roi_align", (0,)),
+    ("dynrefer::roi_align_backward", (0,)),
+    ("dynrefer::offset_resample", (0,)),
+    ("dynrefer::offset_resample_backward", (1, 2)),
+):
+    register_float32_autocast(_qualname, _result_like)

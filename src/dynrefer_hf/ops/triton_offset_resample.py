@@ -30,6 +30,7 @@ except ImportError as error:  # the dispatch in dynrefer_hf.ops falls back to th
         "dynrefer_hf.ops.triton_offset_resample needs triton (pip install 'dynrefer_hf[triton]')"
     ) from error
 
+from ._library import register_float32_autocast
 from ._triton_common import accumulator_dtypes, check_dtype, on_device
 
 __all__ = ["offset_resample_triton"]
@@ -688,57 +689,13 @@ def _value_grad_gather(value, offset_mask, grad_output, geometry: _Geometry):
     return grad_value
 
 
-class _OffsetResampleFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, value, offset_mask, geometry, deterministic):
-        ctx.save_for_backward(value, offset_mask)
-        ctx.geometry = geometry
-        ctx.deterministic = deterministic
-        with on_device(value):
-            return _forward(value, offset_mask, geometry)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        value, offset_mask = ctx.saved_tensors
-        need_value, need_om = ctx.needs_input_grad[:2]
-        if grad_output.numel() == 0 or not (need_value or need_om):
-            grad_value = torch.zeros_like(value) if need_value else None
-            grad_om = torch.zeros_like(offset_mask) if need_om else None
-        else:
-            with on_device(value):
-                grad_value, grad_om = _backward(
-                    value, offset_mask, grad_output, ctx.geometry, need_value, need_om, ctx.deterministic
-                )
-        return grad_value, grad_om, None, None
+# ------------------------------------------------------------------------------------------------ operators
+# torch.library.custom_op rather than triton_op: triton_op traces its body (wrap_triton) under FakeTensors,
+# which Triton's interpreter cannot do, and the tests run the kernels in the interpreter (docs/ops.md).
 
 
-def offset_resample_triton(
-    value: torch.Tensor,
-    offset_mask: torch.Tensor,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    group: int,
-    offset_scale: float,
-    remove_center: bool,
-    deterministic: bool = False,
-) -> torch.Tensor:
-    """DCNv4's sampling op on Triton kernels (differentiable in ``value`` and ``offset_mask``).
-
-    Args:
-        value: ``[N, H, W, C]`` channels last (any strides); group g owns channels ``[g*C/G, (g+1)*C/G)``.
-        offset_mask: ``[N, H_out, W_out, M]``, same dtype; per group ``K`` (dx, dy) pairs then ``K`` masks;
-            channels from ``group * 3K`` on are padding (ignored, zero gradient).
-        kernel_size, stride, padding, dilation: ``(h, w)`` pairs.
-        group: number of groups G (divides C).
-        offset_scale: scales the tap grid and the offsets.
-        remove_center: drop the centre tap.
-        deterministic: backward without float atomics (bitwise reproducible).
-
-    Returns:
-        ``[N, H_out, W_out, C]`` contiguous, in the dtype of ``value``.
-    """
+def _geometry(value, offset_mask, kernel_size, stride, padding, dilation, group, offset_scale, remove_center):
+    """Check the arguments (shapes and dtypes only) and pack the static ones."""
     if value.dim() != 4 or offset_mask.dim() != 4:
         raise ValueError(
             f"expected value [N, H, W, C] and offset_mask [N, Ho, Wo, M], got {list(value.shape)} and {list(offset_mask.shape)}"
@@ -762,4 +719,126 @@ def offset_resample_triton(
             f"offset_mask has {offset_mask.shape[-1]} channels, needs at least group * 3 * points = "
             f"{geometry.group * geometry.points * 3}"
         )
-    return _OffsetResampleFunction.apply(value, offset_mask, geometry, bool(deterministic))
+    return geometry
+
+
+@torch.library.custom_op("dynrefer::offset_resample_triton", mutates_args=())
+def offset_resample_triton(
+    value: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    group: int,
+    offset_scale: float,
+    remove_center: bool,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """DCNv4's sampling op on Triton kernels (differentiable in ``value`` and ``offset_mask``).
+
+    The operator ``dynrefer::offset_resample_triton``.
+
+    Args:
+        value: ``[N, H, W, C]`` channels last (any strides); group g owns channels ``[g*C/G, (g+1)*C/G)``.
+        offset_mask: ``[N, H_out, W_out, M]``, same dtype; per group ``K`` (dx, dy) pairs then ``K`` masks;
+            channels from ``group * 3K`` on are padding (ignored, zero gradient).
+        kernel_size, stride, padding, dilation: ``(h, w)`` pairs.
+        group: number of groups G (divides C).
+        offset_scale: scales the tap grid and the offsets.
+        remove_center: drop the centre tap.
+        deterministic: backward without float atomics (bitwise reproducible).
+
+    Returns:
+        ``[N, H_out, W_out, C]`` contiguous, in the dtype of ``value``.
+    """
+    geometry = _geometry(
+        value, offset_mask, kernel_size, stride, padding, dilation, group, offset_scale, remove_center
+    )
+    with on_device(value):
+        return _forward(value, offset_mask, geometry)
+
+
+@offset_resample_triton.register_fake
+def _(
+    value,
+    offset_mask,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    group,
+    offset_scale,
+    remove_center,
+    deterministic=False,
+):
+    _geometry(value, offset_mask, kernel_size, stride, padding, dilation, group, offset_scale, remove_center)
+    return value.new_empty(*offset_mask.shape[:3], value.shape[3])
+
+
+@torch.library.custom_op("dynrefer::offset_resample_triton_backward", mutates_args=())
+def _offset_resample_triton_backward(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    group: int,
+    offset_scale: float,
+    remove_center: bool,
+    deterministic: bool,
+    need_value: bool,
+    need_offset_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_value, grad_offset_mask)``, contiguous; a gradient not asked for is an empty ``[0]`` tensor."""
+    geometry = _geometry(
+        value, offset_mask, kernel_size, stride, padding, dilation, group, offset_scale, remove_center
+    )
+    if grad_output.numel() == 0:
+        grad_value, grad_om = torch.zeros_like(value), torch.zeros_like(offset_mask)
+    else:
+        with on_device(value):
+            grad_value, grad_om = _backward(
+                value, offset_mask, grad_output, geometry, need_value, need_offset_mask, deterministic
+            )
+    return (
+        grad_value.contiguous() if need_value else value.new_empty(0),
+        grad_om.contiguous() if need_offset_mask else offset_mask.new_empty(0),
+    )
+
+
+@_offset_resample_triton_backward.register_fake
+def _(grad_output, value, offset_mask, *config):
+    need_value, need_offset_mask = config[-2:]
+    return (
+        value.new_empty(value.shape if need_value else (0,)),
+        offset_mask.new_empty(offset_mask.shape if need_offset_mask else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    value, offset_mask, *config = inputs
+    ctx.save_for_backward(value, offset_mask)
+    ctx.config = config
+
+
+def _grad(ctx, grad_output):
+    value, offset_mask = ctx.saved_tensors
+    need_value, need_offset_mask = ctx.needs_input_grad[:2]
+    grad_value = grad_om = None
+    if need_value or need_offset_mask:
+        grad_value, grad_om = _offset_resample_triton_backward(
+            grad_output, value, offset_mask, *ctx.config, need_value, need_offset_mask
+        )
+    return (
+        grad_value if need_value else None,
+        grad_om if need_offset_mask else None,
+        None, None, None, None, None, None, None, None,
+    )  # fmt: skip
+
+
+offset_resample_triton.register_autograd(_grad, setup_context=_setup_context)
+register_float32_autocast("dynrefer::offset_resample_triton", (0,))
+register_float32_autocast("dynrefer::offset_resample_triton_backward", (1, 2))

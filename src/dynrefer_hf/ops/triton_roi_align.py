@@ -32,6 +32,7 @@ except ImportError as error:  # the dispatch in dynrefer_hf.ops falls back to th
         "dynrefer_hf.ops.triton_roi_align needs triton (pip install 'dynrefer_hf[triton]')"
     ) from error
 
+from ._library import register_float32_autocast
 from ._triton_common import accumulator_dtypes, check_dtype, on_device
 
 __all__ = ["roi_align_triton"]
@@ -514,37 +515,24 @@ def _backward_gather(grad_output, rois, input_like, output_size, spatial_scale, 
     return grad_input
 
 
-class _RoIAlignFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic):
-        ctx.save_for_backward(rois)
-        ctx.input_like = (input.shape, input.dtype, _memory_format(input))
-        ctx.config = (output_size, spatial_scale, sampling_ratio, aligned)
-        ctx.deterministic = deterministic
-        with on_device(input):
-            return _forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 7
-        (rois,) = ctx.saved_tensors
-        if rois.shape[0] == 0 or grad_output.numel() == 0:
-            shape, dtype, memory_format = ctx.input_like
-            grad_input = torch.zeros(shape, dtype=dtype, device=grad_output.device).to(
-                memory_format=memory_format
-            )
-        else:
-            backward = _backward_gather if ctx.deterministic else _backward_atomic
-            with on_device(grad_output):
-                grad_input = backward(grad_output, rois, ctx.input_like, *ctx.config)
-        return grad_input, None, None, None, None, None, None
+# ------------------------------------------------------------------------------------------------ operators
+# torch.library.custom_op rather than triton_op: triton_op traces its body (wrap_triton) under FakeTensors,
+# which Triton's interpreter cannot do, and the tests run the kernels in the interpreter (docs/ops.md).
 
 
+def _check_arguments(input: torch.Tensor, rois: torch.Tensor) -> None:
+    if input.dim() != 4 or rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(
+            f"expected input [N, C, H, W] and rois [K, 5], got {list(input.shape)} and {list(rois.shape)}"
+        )
+    check_dtype(input, "input", "roi_align_triton")
+
+
+@torch.library.custom_op("dynrefer::roi_align_triton", mutates_args=())
 def roi_align_triton(
     input: torch.Tensor,
     rois: torch.Tensor,
-    output_size: tuple[int, int],
+    output_size: list[int],
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
@@ -552,10 +540,12 @@ def roi_align_triton(
 ) -> torch.Tensor:
     """RoIAlign with torchvision's numbers, on Triton kernels (differentiable in ``input``).
 
+    The operator ``dynrefer::roi_align_triton``.
+
     Args:
         input: ``[N, C, H, W]`` feature map, any strides (channels-last views are read without a copy).
-        rois: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, same dtype and device as ``input``; batch
-            indices must be valid (the public ``dynrefer_hf.ops.roi_align`` checks them). No gradient.
+        rois: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, same device as ``input``; batch indices must
+            be valid (the public ``dynrefer_hf.ops.roi_align`` checks them in eager mode). No gradient.
         output_size: ``(out_h, out_w)``.
         spatial_scale: box coordinates to feature cells.
         sampling_ratio: samples per bin and axis; ``<= 0`` is adaptive (``ceil(roi_size / out_size)``).
@@ -567,18 +557,66 @@ def roi_align_triton(
         tokens viewed as a map), so both the kernel's stores and a later ``flatten(2).transpose(1, 2)`` stay
         contiguous; contiguous otherwise. Gradients come back in the layout of ``input`` too.
     """
-    if input.dim() != 4 or rois.dim() != 2 or rois.shape[1] != 5:
-        raise ValueError(
-            f"expected input [N, C, H, W] and rois [K, 5], got {list(input.shape)} and {list(rois.shape)}"
+    _check_arguments(input, rois)
+    with on_device(input):
+        return _forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+@roi_align_triton.register_fake
+def _(input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic=False):
+    _check_arguments(input, rois)
+    return torch.empty(
+        rois.shape[0], input.shape[1], output_size[0], output_size[1], dtype=input.dtype, device=input.device,
+        memory_format=_memory_format(input),
+    )  # fmt: skip
+
+
+@torch.library.custom_op("dynrefer::roi_align_triton_backward", mutates_args=())
+def _roi_align_triton_backward(
+    grad_output: torch.Tensor,
+    rois: torch.Tensor,
+    input_shape: list[int],
+    channels_last: bool,
+    output_size: list[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    deterministic: bool,
+) -> torch.Tensor:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    input_like = (input_shape, grad_output.dtype, memory_format)
+    if rois.shape[0] == 0 or grad_output.numel() == 0:
+        return torch.zeros(input_shape, dtype=grad_output.dtype, device=grad_output.device).to(
+            memory_format=memory_format
         )
-    check_dtype(input, "input", "roi_align_triton")
-    output_size = (int(output_size[0]), int(output_size[1]))
-    return _RoIAlignFunction.apply(
-        input,
-        rois.detach(),
-        output_size,
-        float(spatial_scale),
-        int(sampling_ratio),
-        bool(aligned),
-        bool(deterministic),
+    backward = _backward_gather if deterministic else _backward_atomic
+    with on_device(grad_output):
+        return backward(grad_output, rois, input_like, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+@_roi_align_triton_backward.register_fake
+def _(grad_output, rois, input_shape, channels_last, *config):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(
+        input_shape, dtype=grad_output.dtype, device=grad_output.device, memory_format=memory_format
     )
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic = inputs
+    ctx.save_for_backward(rois)
+    ctx.input_like = (list(input.shape), _memory_format(input) == torch.channels_last)
+    ctx.config = (list(output_size), spatial_scale, sampling_ratio, aligned, deterministic)
+
+
+def _grad(ctx, grad_output):
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        (rois,) = ctx.saved_tensors
+        grad_input = _roi_align_triton_backward(grad_output, rois, *ctx.input_like, *ctx.config)
+    return grad_input, None, None, None, None, None, None
+
+
+roi_align_triton.register_autograd(_grad, setup_context=_setup_context)
+register_float32_autocast("dynrefer::roi_align_triton", (0,))
+register_float32_autocast("dynrefer::roi_align_triton_backward", (0,))

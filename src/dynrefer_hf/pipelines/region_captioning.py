@@ -20,7 +20,8 @@ import inspect
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from typing import Any
 
@@ -70,6 +71,8 @@ _GENERATE_ARGUMENTS = frozenset(inspect.signature(GenerationMixin.generate).para
 
 # Marks a parameter the caller did not pass (where `None` is a meaningful value).
 _NOT_GIVEN = object()
+# Marks the end of a prefetched iterator.
+_END = object()
 
 # A notice logged when the embedded demonstration model is loaded (the `dynrefer` command prints it itself).
 DEMO_MODEL_NOTICE = (
@@ -140,6 +143,23 @@ def _open_image(file, name: str, exif_orientation: bool) -> PIL.Image.Image:
         ) from None
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, EOFError) as error:
         raise ValueError(f"{name} is not a readable image ({error})") from None
+
+
+def _prefetched(items: Iterator[Any]) -> Iterator[Any]:
+    """The items of ``items``, each next one computed in a background thread while the caller uses the current one.
+
+    The pipeline builds the views of the next chunk while the model describes the current one. Items
+    are computed one at a time and in order; an exception raised computing one is raised here, when it
+    is due.
+    """
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="region-captioning-views") as worker:
+            upcoming = worker.submit(next, items, _END)
+            while (item := upcoming.result()) is not _END:
+                upcoming = worker.submit(next, items, _END)
+                yield item
+    finally:
+        items.close()
 
 
 def _region_controls(controls, num_regions: int) -> list | None:
@@ -215,7 +235,9 @@ def register_pipeline() -> None:
 
 def _is_demo_model(name_or_path: str | os.PathLike | None) -> bool:
     """Whether ``name_or_path`` is the demonstration model shipped in the package."""
-    return bool(name_or_path) and os.path.realpath(os.fspath(name_or_path)) == os.path.realpath(SHAPES_DEMO_PATH)
+    return bool(name_or_path) and os.path.realpath(os.fspath(name_or_path)) == os.path.realpath(
+        SHAPES_DEMO_PATH
+    )
 
 
 def _count_regions(item: Mapping[str, Any]) -> int:
@@ -465,7 +487,9 @@ class RegionCaptioningPipeline(ChunkPipeline):
             )
         for name in ("max_new_tokens", "num_beams", "max_length", "min_new_tokens", "top_k"):
             if generate_kwargs.get(name) is not None:
-                check_count(name, generate_kwargs[name], minimum=0 if name in ("min_new_tokens", "top_k") else 1)
+                check_count(
+                    name, generate_kwargs[name], minimum=0 if name in ("min_new_tokens", "top_k") else 1
+                )
         for name in ("temperature", "repetition_penalty"):
             if generate_kwargs.get(name) is not None:
                 check_number(name, generate_kwargs[name], 0.0, low_open=True)
@@ -491,6 +515,19 @@ class RegionCaptioningPipeline(ChunkPipeline):
         timeout: float | None = DEFAULT_DOWNLOAD_TIMEOUT,
         exif_orientation: bool = True,
     ) -> Iterable[dict[str, Any]]:
+        """The chunks of ``region_batch_size`` regions, the next one prepared while the model runs on the current one."""
+        return _prefetched(
+            self._chunks(inputs, region_batch_size, image_processor_kwargs, timeout, exif_orientation)
+        )
+
+    def _chunks(
+        self,
+        inputs: Mapping[str, Any],
+        region_batch_size: int,
+        image_processor_kwargs: Mapping[str, Any] | None,
+        timeout: float | None,
+        exif_orientation: bool,
+    ) -> Iterator[dict[str, Any]]:
         if not isinstance(inputs, Mapping) or "image" not in inputs:
             raise ValueError("each input must be an image or a dict with 'image' and 'boxes' or 'masks'")
         image = load_rgb_image(inputs["image"], timeout=timeout, exif_orientation=exif_orientation)

@@ -4,8 +4,9 @@ No pretrained vision tower, language model or CLIP text tower is available offli
 trained here: the vision tower and the language model too (the released model freezes them), a T5-style
 tokenizer is trained on the captions, and the label-embedding tables (tags, attribute prompts, class
 prompts) are fixed bag-of-words vectors over the shapes vocabulary (`bag_of_words_embeddings`) instead of
-EVA-CLIP text embeddings. The attribute and class heads are trained directly on the region labels
-(`RegionTrainer`); the region-caption contrastive loss, which needs a text encoder, is not used.
+EVA-CLIP text embeddings. The attribute and class heads are trained directly on the region labels (the
+model's `loss_attribute` and `loss_class`); the region-caption contrastive loss, which needs a text encoder,
+is not used.
 
 ``train_shapes_demo`` is what ``dynrefer train-demo`` and ``examples/train_shapes.py`` run; the model it
 produced ships in ``dynrefer_hf/pretrained/shapes-demo`` (see its model card, docs/demo_model.md).
@@ -163,6 +164,7 @@ def build_demo_model(tokenizer, settings: ShapesDemoSettings) -> DynReferForRegi
         attribute_prompts=[f"the {value}" for value in vocabulary.attribute_values],
         class_names=list(vocabulary.classes),
         class_prompts=[f"the {name}" for name in vocabulary.classes],
+        attribute_label_loss="group_softmax",  # every shapes attribute group has exactly one value per object
     )
     torch.manual_seed(settings.seed)
     model = DynReferForRegionCaptioning(config)
@@ -335,7 +337,6 @@ def train_demo_model(
         train_dataset=train,
         data_collator=collator,
         callbacks=[time_limit],
-        attribute_loss="group_softmax",  # every shapes attribute group has exactly one value per object
         probe_loss_weight=1.0,  # from scratch, the label heads only learn once the region queries carry the labels
     )
     log(f"training for {steps} steps (at most {settings.max_train_minutes} minutes)")

@@ -1,15 +1,18 @@
 """Training DynRefer with the Hugging Face ``Trainer``.
 
-`RegionTrainer` adds to the model's own losses (captions, tags, and the region-caption contrastive loss
-when caption embeddings are given) an optional direct supervision of the attribute and class heads with
-region labels, and logs every loss part. `bag_of_words_embeddings` builds label-embedding tables when no
-pretrained text encoder is available (the offline demonstration model, docs/demo_model.md).
+The model computes every loss itself (captions, tags, the region-caption contrastive loss, the attribute and
+class label losses; `DynReferForRegionCaptioning.forward`), so a plain `transformers.Trainer` trains every
+head, under DistributedDataParallel too. `RegionTrainer` only adds conveniences: every loss part logged, an
+optional linear probe for training from scratch, upstream's weight-decay rule and LoRA checkpoints that keep
+the other trained parameters. `bag_of_words_embeddings` builds label-embedding tables when no pretrained text
+encoder is available (the offline demonstration model, docs/demo_model.md).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -17,15 +20,36 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from ..modeling_dynrefer import (
+    ATTRIBUTE_LABEL_LOSSES,
+    DynReferOutput,
+    attribute_groups,
+    attribute_label_loss,
+    class_label_loss,
+)
 from .checkpoints import CheckpointCompletionCallback, is_complete_checkpoint, last_complete_checkpoint
 
 __all__ = [
     "ATTRIBUTE_LOSSES",
+    "TRAINED_MODULES_FILE",
     "RegionTrainer",
     "attribute_groups",
     "bag_of_words_embeddings",
-    "label_supervision_losses",
 ]
+
+ATTRIBUTE_LOSSES = ATTRIBUTE_LABEL_LOSSES  # the values of config.attribute_label_loss
+
+# the loss parts of DynReferOutput that RegionTrainer logs
+LOSS_PARTS = ("loss_caption", "loss_tag", "loss_region_text", "loss_attribute", "loss_class")
+
+# deprecated RegionTrainer arguments -> the config fields that now hold them
+_CONFIG_ARGUMENTS = {
+    "attribute_loss": "attribute_label_loss",
+    "attribute_loss_weight": "attribute_label_loss_weight",
+    "class_loss_weight": "class_label_loss_weight",
+}
+
+TRAINED_MODULES_FILE = "trained_modules.safetensors"
 
 
 def bag_of_words_embeddings(
@@ -55,143 +79,83 @@ def bag_of_words_embeddings(
     return F.normalize(table, dim=-1)
 
 
-ATTRIBUTE_LOSSES = ("bce", "group_softmax")
 
 
-def attribute_groups(attribute_names: Sequence[str]) -> list[list[int]]:
-    """Column indices of each attribute group, groups in first-seen order (``"color"`` of ``"color:red"``)."""
-    groups: dict[str, list[int]] = {}
-    for column, name in enumerate(attribute_names):
-        groups.setdefault(name.split(":")[0], []).append(column)
-    return list(groups.values())
+def _lora_base_model(model):
+    """The model inside a peft wrapper, or ``None`` when ``model`` has no LoRA adapters."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else None
 
 
-def _group_softmax_loss(
-    logits: torch.Tensor, labels: torch.Tensor, groups: Sequence[Sequence[int]]
-) -> torch.Tensor:
-    """Mean cross-entropy within each attribute group, over the (region, group) pairs with exactly one
-    positive and no ignored label."""
-    total, pairs = logits.sum() * 0.0, 0
-    for columns in groups:
-        group_labels = labels[:, columns]
-        usable = ((group_labels == 1).sum(dim=1) == 1) & (group_labels != -1).all(dim=1)
-        if usable.any():
-            target = group_labels[usable].argmax(dim=1)
-            total = total + F.cross_entropy(logits[usable][:, columns], target, reduction="sum")
-            pairs += int(usable.sum())
-    return total / max(pairs, 1)
-
-
-def label_supervision_losses(
-    model,
-    region_queries: torch.Tensor,
-    attribute_labels: torch.Tensor,
-    class_labels: torch.Tensor,
-    attribute_loss: str = "bce",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Direct losses for the attribute and class heads from region labels.
-
-    The logits are the attribute head's raw scores `s` (docs/upstream/model.md §8-§9; for an attribute, the max over its
-    prompts) scaled as in upstream's contrastive training, `s * exp(attr_t) + attr_b`: `s` is a dot product
-    with an L2-normalised vector, too narrow a range to fit labels unscaled. Inference ranks by `s` itself
-    (sigmoid for attributes, argmax for classes), which the scaling does not reorder. Classes are trained
-    with cross-entropy (class -1 ignored). Attributes with ``attribute_loss``:
-
-    * ``"bce"``: binary cross-entropy over every label that is not -1 (any number of positives);
-    * ``"group_softmax"``: cross-entropy over the attributes of each group (``"group:value"`` names), for
-      groups with exactly one positive. Where every group is single-valued (a colour, a texture, a size)
-      this is the better-posed loss: BCE lets the shared head settle on one constant score (the positive
-      rate) for every attribute, which also flattens the class scores computed by the same head.
-
-    Args:
-        region_queries: `[R, Q, H]` from the model's forward.
-        attribute_labels: `[R, num_attributes]` in {1, 0, -1}.
-        class_labels: `[R]`, -1 = unlabelled.
-    Returns:
-        `(attribute_loss, class_loss)`, each a scalar (0 when nothing is labelled).
-    """
-    if attribute_loss not in ATTRIBUTE_LOSSES:
-        raise ValueError(f"attribute_loss must be one of {ATTRIBUTE_LOSSES}, got {attribute_loss!r}")
-    scale, bias = model.attr_t.exp(), model.attr_b
-    prompt_scores = model.attribute_similarity(region_queries, model.att_embeds).float() * scale + bias
-    group_sizes = torch.tensor(model.config.attribute_group_sizes, device=prompt_scores.device)
-    group_of_prompt = torch.repeat_interleave(
-        torch.arange(len(group_sizes), device=prompt_scores.device), group_sizes
-    )
-    index = group_of_prompt.expand(prompt_scores.shape[0], -1)
-    attribute_scores = prompt_scores.new_full(
-        (prompt_scores.shape[0], model.config.num_attributes), -torch.inf
-    )
-    attribute_scores = attribute_scores.scatter_reduce(1, index, prompt_scores, "amax", include_self=False)
-    if attribute_loss == "group_softmax":
-        attr_loss = _group_softmax_loss(
-            attribute_scores, attribute_labels, attribute_groups(model.config.attribute_names)
-        )
-    elif (attribute_labels != -1).any():
-        labelled = attribute_labels != -1
-        attr_loss = F.binary_cross_entropy_with_logits(
-            attribute_scores[labelled], attribute_labels[labelled].to(attribute_scores.dtype)
-        )
-    else:
-        attr_loss = prompt_scores.sum() * 0.0
-    class_scores = model.attribute_similarity(region_queries, model.ov_embeds).float() * scale
-    if (class_labels != -1).any():
-        class_loss = F.cross_entropy(class_scores, class_labels, ignore_index=-1)
-    else:
-        class_loss = class_scores.sum() * 0.0
-    return attr_loss, class_loss
+def _non_lora_trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name}
 
 
 class RegionTrainer(Trainer):
-    """`Trainer` for `DynReferForRegionCaptioning` on batches of `RegionTrainingCollator`.
+    """`Trainer` for `DynReferForRegionCaptioning` (batches of `RegionTrainingCollator`, optionally wrapped by
+    `CaptionEmbeddingCollator`). The loss is the model's own (`outputs.loss`); a plain `Trainer` gives the same
+    training. This subclass adds:
 
-    ``loss = model loss + attribute_loss_weight * attribute loss + class_loss_weight * class CE`` (see
-    `label_supervision_losses`, ``attribute_loss`` = ``"bce"`` or ``"group_softmax"``) ``+ probe_loss_weight *
-    probe loss``; the two label losses are computed only when the batch carries ``attribute_labels`` /
-    ``class_labels``. Every part (``loss_llm``, ``loss_tag``, ``loss_att``, ``loss_attribute``, ``loss_class``,
-    ``loss_probe``) is averaged over the logging interval and logged next to ``loss``.
+    * every loss part of the model (``loss_caption``, ``loss_tag``, ``loss_region_text``, ``loss_attribute``,
+      ``loss_class``) and ``loss_probe`` averaged over the logging interval and logged next to ``loss``;
+    * ``probe_loss_weight > 0``: deep supervision for training from scratch. A linear probe on the mean of the
+      region queries predicts the classes, attributes and tags (the model's class and attribute label losses,
+      binary cross-entropy for tags). The label heads score labels through cross-attention to the region
+      queries, a path whose gradient reaching the backbone is tiny at initialisation; the probe gives the
+      backbone a direct signal. The probe trains with the model but is not part of it (nothing of it is saved;
+      under several processes it has its own DistributedDataParallel wrapper);
+    * upstream's weight-decay rule (docs/upstream/model.md §18): none for biases and parameters of fewer than
+      2 dimensions;
+    * LoRA checkpoints (peft) that hold, next to the adapters, the other trained parameters
+      (``trained_modules.safetensors``), restored on resume.
 
-    ``probe_loss_weight > 0`` adds deep supervision for training from scratch: a linear probe on the
-    mean of the region queries predicts the classes, attributes and tags (cross-entropy, the attribute loss
-    above, binary cross-entropy). The label heads score labels through cross-attention to the region queries,
-    a path whose gradient reaching the backbone is tiny at initialisation; the probe gives the backbone a
-    direct signal, so the queries become informative and the heads can learn from them. The probe is trained
-    with the model but is not part of it (nothing of it is saved).
+    The label-loss settings live in the model config (``attribute_label_loss``, ``attribute_label_loss_weight``,
+    ``class_label_loss_weight``); the former arguments ``attribute_loss``, ``attribute_loss_weight`` and
+    ``class_loss_weight`` still set them, with a FutureWarning.
     """
 
-    def __init__(
-        self,
-        *args,
-        attribute_loss_weight: float = 1.0,
-        class_loss_weight: float = 1.0,
-        attribute_loss: str = "bce",
-        probe_loss_weight: float = 0.0,
-        **kwargs,
-    ):
+    def __init__(self, *args, probe_loss_weight: float = 0.0, **kwargs):
+        moved = {name: kwargs.pop(name) for name in list(kwargs) if name in _CONFIG_ARGUMENTS}
         super().__init__(*args, **kwargs)
         self.add_callback(CheckpointCompletionCallback())
-        if attribute_loss not in ATTRIBUTE_LOSSES:
-            raise ValueError(f"attribute_loss must be one of {ATTRIBUTE_LOSSES}, got {attribute_loss!r}")
-        self.attribute_loss = attribute_loss
-        self.attribute_loss_weight = attribute_loss_weight
-        self.class_loss_weight = class_loss_weight
+        config = self.model.config
+        for name, value in moved.items():
+            warnings.warn(
+                f"RegionTrainer({name}=...) is deprecated: set model.config.{_CONFIG_ARGUMENTS[name]}",
+                FutureWarning,
+                stacklevel=2,
+            )
+            setattr(config, _CONFIG_ARGUMENTS[name], value)
+        if config.attribute_label_loss not in ATTRIBUTE_LOSSES:
+            raise ValueError(
+                f"attribute_label_loss must be one of {ATTRIBUTE_LOSSES}, got {config.attribute_label_loss!r}"
+            )
         self.probe_loss_weight = probe_loss_weight
         self.probe = None
         if probe_loss_weight > 0:
-            config = self.model.config
             outputs = config.num_classes + config.num_attributes + config.num_tags
             self.probe = torch.nn.Linear(config.qformer_config.hidden_size, outputs).to(self.model.device)
+            if self.args.world_size > 1:  # outside the model's DDP wrapper: synchronised by its own
+                self.probe = torch.nn.parallel.DistributedDataParallel(self.probe)
         self._loss_parts: dict[str, list[float]] = defaultdict(list)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         if self.probe is not None and not any(
-            parameter is self.probe.weight
+            parameter is next(self.probe.parameters())
             for group in optimizer.param_groups
             for parameter in group["params"]
         ):
             optimizer.add_param_group({"params": list(self.probe.parameters()), "weight_decay": 0.0})
         return optimizer
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """Upstream's rule (docs/upstream/model.md §18): no weight decay for biases and for parameters of fewer
+        than 2 dimensions (norm weights, ``cem_memory``, ``attr_t``, ``attr_b``)."""
+        return [
+            name for name, parameter in model.named_parameters() if parameter.ndim >= 2 and "bias" not in name
+        ]
 
     def _probe_loss(self, region_queries, attribute_labels, class_labels, tag_labels) -> torch.Tensor:
         config = self.model.config
@@ -200,42 +164,36 @@ class RegionTrainer(Trainer):
             [config.num_classes, config.num_attributes, config.num_tags], dim=1
         )
         loss = logits.sum() * 0.0
-        if (class_labels != -1).any():
-            loss = loss + F.cross_entropy(class_logits, class_labels, ignore_index=-1)
-        if self.attribute_loss == "group_softmax":
-            loss = loss + _group_softmax_loss(
-                attribute_logits, attribute_labels, attribute_groups(config.attribute_names)
-            )
-        elif (attribute_labels != -1).any():
-            labelled = attribute_labels != -1
-            loss = loss + F.binary_cross_entropy_with_logits(
-                attribute_logits[labelled], attribute_labels[labelled].float()
+        if class_labels is not None:
+            loss = loss + class_label_loss(class_logits, class_labels)
+        if attribute_labels is not None:
+            loss = loss + attribute_label_loss(
+                attribute_logits, attribute_labels, config.attribute_label_loss, config.attribute_names
             )
         if tag_labels is not None:
             loss = loss + F.binary_cross_entropy_with_logits(tag_logits, tag_labels.float())
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        attribute_labels = inputs.pop("attribute_labels", None)
-        class_labels = inputs.pop("class_labels", None)
-        outputs = model(**inputs)
+        outputs: DynReferOutput = model(**inputs)
         loss = outputs.loss
-        parts = {"loss_llm": outputs.loss_llm, "loss_tag": outputs.loss_tag, "loss_att": outputs.loss_att}
-        if attribute_labels is not None and class_labels is not None:
-            attribute_loss, class_loss = label_supervision_losses(
-                model, outputs.region_queries, attribute_labels, class_labels, self.attribute_loss
+        parts = {name: outputs[name] for name in LOSS_PARTS if outputs.get(name) is not None}
+        if self.probe is not None:
+            parts["loss_probe"] = self._probe_loss(
+                outputs.region_queries,
+                inputs.get("attribute_labels"),
+                inputs.get("class_labels"),
+                inputs.get("tag_labels"),
             )
-            parts.update(loss_attribute=attribute_loss, loss_class=class_loss)
-            extra = self.attribute_loss_weight * attribute_loss + self.class_loss_weight * class_loss
-            if self.probe is not None:
-                parts["loss_probe"] = self._probe_loss(
-                    outputs.region_queries, attribute_labels, class_labels, inputs.get("tag_labels")
-                )
-                extra = extra + self.probe_loss_weight * parts["loss_probe"]
+            extra = self.probe_loss_weight * parts["loss_probe"]
             loss = extra if loss is None else loss + extra
+        if loss is None:
+            raise ValueError(
+                "the batch gave the model no target: give labels, tag_labels, attribute_labels, class_labels "
+                "or caption_embeds"
+            )
         for name, value in parts.items():
-            if value is not None:
-                self._loss_parts[name].append(float(value.detach()))
+            self._loss_parts[name].append(float(value.detach()))
         return (loss, outputs) if return_outputs else loss
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -273,3 +231,36 @@ class RegionTrainer(Trainer):
             )
             self._loss_parts.clear()
         super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A LoRA checkpoint from peft holds the adapters only: add the other trained parameters beside it."""
+        super()._save(output_dir, state_dict)
+        base = _lora_base_model(self.model)
+        if base is not None:
+            from safetensors.torch import save_file
+
+            output_dir = self.args.output_dir if output_dir is None else output_dir
+            tensors = {name: p.detach().cpu().contiguous() for name, p in _non_lora_trainable(base).items()}
+            save_file(tensors, os.path.join(output_dir, TRAINED_MODULES_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        base = _lora_base_model(self.model if model is None else model)
+        path = os.path.join(resume_from_checkpoint, TRAINED_MODULES_FILE)
+        if base is not None:
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"{resume_from_checkpoint} has no {TRAINED_MODULES_FILE}: not a LoRA checkpoint"
+                )
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+            expected = _non_lora_trainable(base)
+            if set(tensors) != set(expected):
+                raise ValueError(
+                    f"{path} holds other parameters than the trainable ones: "
+                    f"{sorted(set(tensors) ^ set(expected))[:5]}"
+                )
+            with torch.no_grad():
+                for name, tensor in tensors.items():
+                    expected[name].copy_(tensor)

@@ -1,0 +1,518 @@
+"""The web demo (``dynrefer demo``, ``app.py``): draw boxes on a picture in the browser and read what
+DynRefer says about each region (docs/demo.md).
+
+Gradio 5 has no image component to draw boxes on, so the drawing board is a canvas laid over the
+picture in a ``gr.HTML`` block. A small script (``_BOARD_JS``, run once when the page loads) turns mouse
+drags on it into ``x1,y1,x2,y2`` lines of the "Boxes" textbox. That textbox is the one place the boxes
+live: the Python side reads the regions from it, typed lines count the same as drawn ones, and the board
+redraws whatever it holds, numbered as the results are.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from io import BytesIO
+from pathlib import Path
+
+import PIL.Image
+
+GRADIO_REQUIREMENT = "gradio>=5.0,<6"
+_INSTALL_HINT = "pip install 'dynrefer_hf[demo]'"
+
+try:
+    import gradio as gr
+except ImportError as error:
+    raise ImportError(
+        f"the web demo needs Gradio ({GRADIO_REQUIREMENT}), which is not installed: {_INSTALL_HINT}"
+    ) from error
+if gr.__version__.split(".")[0] != "5":
+    raise ImportError(
+        f"the web demo needs {GRADIO_REQUIREMENT}, found gradio {gr.__version__}: {_INSTALL_HINT}"
+    )
+
+from ..pipelines.region_captioning import DEFAULT_MODEL, RegionCaptioningPipeline
+from ..views import TASK_PRIOR_RATIOS
+from ..visualize import REGION_COLORS, draw_regions, draw_views
+
+__all__ = [
+    "EXAMPLES",
+    "GRADIO_REQUIREMENT",
+    "LAUNCH_OPTIONS",
+    "MAX_IMAGE_PIXELS",
+    "MAX_REGIONS",
+    "TABLE_HEADERS",
+    "build_demo",
+    "open_picture",
+    "parse_regions",
+    "remove_box",
+]
+
+# Larger pictures are refused before they are decoded (a 40-megapixel RGB picture is 120 MB in memory).
+MAX_IMAGE_PIXELS = 40_000_000
+# Regions per request: the model describes them in one call (in chunks of the pipeline's batch size).
+MAX_REGIONS = 100
+# The board sends the picture with at most this many pixels on its longer side, and shows it scaled (up
+# or down) to fit this width and height in CSS pixels; boxes are always in the picture's own pixels.
+_BOARD_SIDE = 1024
+_BOARD_FIT = (720, 600)
+# How many attributes the table shows per region.
+_TOP_ATTRIBUTES = 3
+
+# Options for `gr.Blocks.launch` shared by `dynrefer demo` and app.py: exception messages (never
+# tracebacks) on the page, and uploads bounded before they reach `open_picture`.
+LAUNCH_OPTIONS = {"show_error": True, "max_file_size": "50mb"}
+
+TABLE_HEADERS = ["#", "box", "caption", "score", "class", "tags", "top attributes"]
+
+_EXAMPLES_DIR = Path(__file__).parent / "examples"
+# Synthetic shapes scenes (test split, seed 0) with their shapes' boxes, as (PNG path, boxes).
+EXAMPLES: list[tuple[str, list[list[int]]]] = [
+    (str(_EXAMPLES_DIR / entry["file"]), entry["boxes"])
+    for entry in json.loads((_EXAMPLES_DIR / "examples.json").read_text())
+]
+
+_VIEW_MODES = [("image prior", "image_prior"), ("task prior", "task"), ("explicit t", "explicit")]
+
+_HIGH_BIT_DEPTH_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+
+_BOARD_PLACEHOLDER = '<div class="dr-empty">{message}</div>'
+
+_CSS = """
+#dr-board .dr-stage { position: relative; display: inline-block; line-height: 0; user-select: none; }
+#dr-board .dr-stage img { display: block; max-width: 100%; height: auto; pointer-events: none; }
+#dr-board .dr-stage canvas { position: absolute; left: 0; top: 0; width: 100%; height: 100%;
+                             cursor: crosshair; touch-action: none; }
+#dr-board .dr-empty { padding: 3em 1em; text-align: center; border: 2px dashed var(--border-color-primary);
+                      color: var(--body-text-color-subdued); }
+#dr-board .dr-hint { margin: 0.3em 0 0; color: var(--body-text-color-subdued); font-size: 0.9em; }
+"""
+
+# Runs once when the page loads. Everything hangs off `document`, so it survives the board being
+# re-rendered for every new picture. Box lines and their numbering follow `parse_regions`: every
+# non-blank line of the Boxes textbox is one region, numbered from 0 in order.
+_BOARD_JS = r"""
+() => {
+  const COLORS = __COLORS__;
+  const BOX = /^\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*(:.*)?$/;
+  const MIN_DRAG = 4;  // screen pixels: shorter drags are clicks, not boxes
+  let drag = null, drawn = '';
+  const stage = () => document.querySelector('#dr-board .dr-stage');
+  const textarea = () => document.querySelector('#dr-boxes textarea');
+  const color = (i) => COLORS[i % COLORS.length];
+  const css = (c) => `rgb(${c[0]},${c[1]},${c[2]})`;
+  const lines = () => (textarea()?.value ?? '').split('\n').filter((line) => line.trim());
+  const boxes = () => lines().map((line) => { const m = line.match(BOX); return m ? m.slice(1, 5).map(Number) : null; });
+  // What the board shows depends on: the boxes, the picture and its size on screen, the drag under way.
+  const state = (s, img) => [textarea()?.value, img?.clientWidth, img?.clientHeight, s?.dataset.key, JSON.stringify(drag)].join('|');
+
+  function redraw() {
+    const s = stage();
+    if (!s) { drawn = state(s, undefined); return; }
+    const img = s.querySelector('img'), canvas = s.querySelector('canvas');
+    const w = img.clientWidth, h = img.clientHeight;
+    drawn = state(s, img);
+    if (!w || !h) return;
+    if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
+    const sx = w / Number(s.dataset.width), sy = h / Number(s.dataset.height);
+    const ctx = canvas.getContext('2d');
+    ctx.clearRect(0, 0, w, h);
+    ctx.font = 'bold 13px sans-serif';
+    ctx.textBaseline = 'top';
+    ctx.lineWidth = 2;
+    boxes().forEach((box, i) => {
+      if (!box) return;
+      const [x1, y1, x2, y2] = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy];
+      const c = color(i), label = String(i), top = y1 >= 16 ? y1 - 16 : y1;
+      ctx.strokeStyle = css(c);
+      ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+      ctx.fillStyle = css(c);
+      ctx.fillRect(x1, top, ctx.measureText(label).width + 8, 16);
+      ctx.fillStyle = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] > 150 ? '#000' : '#fff';
+      ctx.fillText(label, x1 + 4, top + 2);
+    });
+    if (drag) {
+      ctx.setLineDash([6, 4]);
+      ctx.strokeStyle = '#000';
+      ctx.strokeRect(drag.x0, drag.y0, drag.x1 - drag.x0, drag.y1 - drag.y0);
+      ctx.setLineDash([]);
+    }
+  }
+
+  function position(event, canvas) {
+    const r = canvas.getBoundingClientRect();
+    return [Math.min(Math.max(event.clientX - r.left, 0), r.width),
+            Math.min(Math.max(event.clientY - r.top, 0), r.height)];
+  }
+
+  function addBox(s, canvas) {
+    const sx = Number(s.dataset.width) / canvas.clientWidth, sy = Number(s.dataset.height) / canvas.clientHeight;
+    const x1 = Math.round(Math.min(drag.x0, drag.x1) * sx), x2 = Math.round(Math.max(drag.x0, drag.x1) * sx);
+    const y1 = Math.round(Math.min(drag.y0, drag.y1) * sy), y2 = Math.round(Math.max(drag.y0, drag.y1) * sy);
+    setLines([...lines(), `${x1},${y1},${x2},${y2}`]);
+  }
+
+  function setLines(lines) {
+    const area = textarea();
+    area.value = lines.join('\n');
+    area.dispatchEvent(new Event('input', { bubbles: true }));  // tells Gradio the value changed
+  }
+
+  // Right-click on a box removes it (the highest-numbered box under the pointer).
+  document.addEventListener('contextmenu', (event) => {
+    const s = stage();
+    if (!s || event.target !== s.querySelector('canvas')) return;
+    event.preventDefault();
+    const canvas = event.target, [x, y] = position(event, canvas);
+    const px = x * Number(s.dataset.width) / canvas.clientWidth, py = y * Number(s.dataset.height) / canvas.clientHeight;
+    const hit = boxes().findLastIndex((b) => b && b[0] <= px && px <= b[2] && b[1] <= py && py <= b[3]);
+    if (hit >= 0) setLines(lines().filter((_, i) => i !== hit));
+  });
+
+  document.addEventListener('pointerdown', (event) => {
+    const s = stage();
+    if (!s || event.button !== 0 || event.target !== s.querySelector('canvas')) return;
+    event.preventDefault();
+    event.target.setPointerCapture(event.pointerId);
+    const [x, y] = position(event, event.target);
+    drag = { x0: x, y0: y, x1: x, y1: y };
+    redraw();
+  });
+  document.addEventListener('pointermove', (event) => {
+    const s = stage();
+    if (!drag || !s) return;
+    [drag.x1, drag.y1] = position(event, s.querySelector('canvas'));
+    redraw();
+  });
+  document.addEventListener('pointerup', () => {
+    const s = stage();
+    if (!drag) return;
+    if (s && Math.abs(drag.x1 - drag.x0) >= MIN_DRAG && Math.abs(drag.y1 - drag.y0) >= MIN_DRAG) {
+      addBox(s, s.querySelector('canvas'));
+    }
+    drag = null;
+    redraw();
+  });
+  // Boxes change by typing, by the buttons and by examples, the picture by uploads and resizes:
+  // redraw whenever any of it differs from what was drawn last.
+  setInterval(() => {
+    const s = stage();
+    if (state(s, s?.querySelector('img')) !== drawn) redraw();
+  }, 150);
+}
+""".replace("__COLORS__", json.dumps([list(color) for color in REGION_COLORS]))
+
+
+class _PictureError(ValueError):
+    """A picture the demo cannot describe; the message is shown on the page."""
+
+
+def open_picture(path: str | os.PathLike) -> tuple[PIL.Image.Image, list[str]]:
+    """The picture at ``path`` as RGB, and notes on anything lost on the way (shown as warnings).
+
+    The conversion is upstream's ``convert("RGB")``: alpha is dropped, 16-bit and float pixels are
+    cut to 8 bits (values above 255 become white), only the first frame of an animation is kept.
+
+    Raises:
+        ValueError: not a readable image, or more than ``MAX_IMAGE_PIXELS`` pixels (checked before decoding).
+    """
+    name = Path(path).name
+    try:
+        with PIL.Image.open(path) as opened:
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _PictureError(
+                    f"the picture is {width}x{height} ({width * height / 1e6:.1f} megapixels); the demo takes "
+                    f"at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: downscale it first"
+                )
+            notes = []
+            if getattr(opened, "n_frames", 1) > 1:
+                notes.append(f"{name} has {opened.n_frames} frames: only the first one is described")
+            if opened.mode in _HIGH_BIT_DEPTH_MODES:
+                notes.append(
+                    f"{name} has {opened.mode} pixels (more than 8 bits): converted to 8-bit RGB as upstream "
+                    "does, so values above 255 show as white"
+                )
+            return opened.convert("RGB"), notes
+    except _PictureError:
+        raise
+    except PIL.Image.DecompressionBombError as error:
+        raise _PictureError(f"{name} is too large: {error}") from None
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise _PictureError(f"{name} is not a readable image ({error})") from None
+
+
+def parse_regions(text: str | None) -> tuple[list[list[float]], list[list[str]]]:
+    """The boxes and control words of the Boxes textbox.
+
+    Every non-blank line is one region, numbered from 0: ``x1,y1,x2,y2`` in pixels, optionally followed
+    by ``:`` and comma-separated control words (``40,30,120,90: red, circle``).
+
+    Returns:
+        ``(boxes, controls)``: ``[[x1, y1, x2, y2], ...]`` and one list of words per region (maybe empty).
+
+    Raises:
+        ValueError: a line that is not four numbers, or a box whose x2 <= x1 or y2 <= y1.
+    """
+    boxes, controls = [], []
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        number = len(boxes)
+        coordinates, _, words = line.partition(":")
+        parts = coordinates.split(",")
+        try:
+            box = [float(part) for part in parts]
+        except ValueError:
+            box = []
+        if len(box) != 4:
+            raise ValueError(f"box {number} {line.strip()!r} is not a box: write x1,y1,x2,y2 (pixels)")
+        if not (box[2] > box[0] and box[3] > box[1]):
+            raise ValueError(
+                f"box {number} ({coordinates.strip()}) has zero area: x2 must exceed x1 and y2 must exceed y1"
+            )
+        boxes.append(box)
+        controls.append([word.strip() for word in words.split(",") if word.strip()])
+    return boxes, controls
+
+
+def remove_box(text: str | None, number: float | None) -> str:
+    """The Boxes text without region ``number`` (the regions after it move up one number)."""
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        raise gr.Error("There is no box to remove.")
+    if number is None or not 0 <= int(number) < len(lines):
+        raise gr.Error(f"There is no box {number}: the boxes are numbered 0 to {len(lines) - 1}.")
+    del lines[int(number)]
+    return "\n".join(lines)
+
+
+def _board_html(image: PIL.Image.Image, key: str) -> str:
+    """The drawing board: the picture (scaled down to ``_BOARD_SIDE`` at most) with a canvas over it."""
+    shown = image.copy()
+    shown.thumbnail((_BOARD_SIDE, _BOARD_SIDE))
+    kind = "png" if shown.width * shown.height <= 512 * 512 else "jpeg"  # small pictures stay exact
+    buffer = BytesIO()
+    shown.save(buffer, format=kind, quality=92)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    width = round(image.width * min(_BOARD_FIT[0] / image.width, _BOARD_FIT[1] / image.height))
+    return (
+        f'<div class="dr-stage" data-width="{image.width}" data-height="{image.height}" data-key="{key}">'
+        f'<img src="data:image/{kind};base64,{data}" alt="the picture" draggable="false" style="width: {width}px">'
+        "<canvas></canvas></div>"
+        f'<p class="dr-hint">{image.width}x{image.height} pixels: drag on the picture to draw a box.</p>'
+    )
+
+
+def _show_board(path: str | None) -> str:
+    if path is None:
+        return _BOARD_PLACEHOLDER.format(
+            message="Upload a picture or pick an example, then drag on it to draw boxes."
+        )
+    try:
+        image, notes = open_picture(path)
+    except ValueError as error:
+        gr.Warning(str(error))
+        return _BOARD_PLACEHOLDER.format(message=html.escape(f"This picture cannot be described: {error}"))
+    for note in notes:
+        gr.Warning(note)
+    return _board_html(image, key=str(abs(hash(path))))
+
+
+def _table_row(index: int, result: dict) -> list:
+    label = result["label"]
+    return [
+        index,
+        ",".join(f"{value:g}" for value in result["box"]),
+        result["caption"],
+        round(result["score"], 4),
+        f"{label['name']} ({label['score']:.2f})" if label else "",
+        ", ".join(result["tags"]),
+        ", ".join(f"{item['name']} {item['score']:.2f}" for item in result["attributes"]),
+    ]
+
+
+def build_demo(
+    model: str | os.PathLike | RegionCaptioningPipeline | None = None, device: str | None = None
+) -> gr.Blocks:
+    """The demo page, queued so that one model call runs at a time.
+
+    Args:
+        model: a ``region-captioning`` pipeline, or a model folder or Hub id to load one from;
+            ``None`` loads ``DEFAULT_MODEL`` (the demonstration model shipped in the package, offline).
+        device: where to load the model when it is not a pipeline (default: the pipeline's default, CPU).
+
+    Returns:
+        The ``gr.Blocks`` app; start it with ``.launch(**LAUNCH_OPTIONS)``.
+    """
+    if isinstance(model, RegionCaptioningPipeline):
+        describe = model
+    else:
+        from transformers import pipeline
+
+        name, revision = (os.fspath(model), None) if model is not None else DEFAULT_MODEL
+        describe = pipeline("region-captioning", model=name, revision=revision, device=device)
+    num_views = describe.image_processor.num_views
+    view_size = (describe.image_processor.size["height"], describe.image_processor.size["width"])
+    model_name = describe.model.name_or_path
+    if model_name == DEFAULT_MODEL[0]:
+        model_name = "the demonstration model shipped in the package (trained on synthetic shapes scenes)"
+
+    with gr.Blocks(
+        title="DynRefer: describe image regions", css=_CSS, js=_BOARD_JS, analytics_enabled=False
+    ) as demo:
+        gr.Markdown(
+            "## DynRefer: describe image regions\n"
+            "Upload a picture (or pick an example), drag boxes on it, press **Describe**: every region gets a "
+            f"caption, tags, attributes and a class. Model: `{model_name}`."
+        )
+        with gr.Row():
+            with gr.Column(scale=3) as left:
+                board = gr.HTML(_show_board(None), padding=False, elem_id="dr-board")
+            with gr.Column(scale=2):
+                picture = gr.Image(
+                    type="filepath",
+                    label="Picture",
+                    sources=["upload", "clipboard"],
+                    height=220,
+                    elem_id="dr-image",
+                )
+                boxes = gr.Textbox(
+                    label="Boxes",
+                    info="One region per line, numbered from 0: x1,y1,x2,y2 in pixels, optionally followed by "
+                    "': control words' (e.g. 40,30,120,90: red, circle). Drawing on the picture adds lines.",
+                    lines=4,
+                    max_lines=12,
+                    elem_id="dr-boxes",
+                )
+                with gr.Row():
+                    box_number = gr.Number(label="Box #", value=0, precision=0, minimum=0, min_width=80)
+                    remove = gr.Button("Remove box", elem_id="dr-remove")
+                    clear = gr.Button("Clear boxes", elem_id="dr-clear")
+                view_mode = gr.Radio(
+                    _VIEW_MODES,
+                    value="image_prior",
+                    label="Views",
+                    info="image prior: upstream's choice per picture (default); task prior: the paper's fixed "
+                    "t for a task; explicit t: your own",
+                    elem_id="dr-view-mode",
+                )
+                task = gr.Dropdown(
+                    sorted(TASK_PRIOR_RATIOS), value="captioning", label="Task prior", visible=False
+                )
+                with gr.Row(visible=False) as ratio_row:
+                    ratios = [
+                        gr.Slider(
+                            0.0, 1.0, value=round(view / num_views, 1), step=0.05, label=f"t of view {view}"
+                        )
+                        for view in range(1, num_views)
+                    ]
+                show_views = gr.Checkbox(label="Show the views each region was read from", value=False)
+                run = gr.Button("Describe", variant="primary", elem_id="dr-describe")
+            with left:  # under the board
+                gr.Examples(
+                    [
+                        [path, "\n".join(",".join(map(str, box)) for box in example_boxes)]
+                        for path, example_boxes in EXAMPLES
+                    ],
+                    inputs=[picture, boxes],
+                    label="Examples: synthetic shapes scenes with their shapes' boxes",
+                )
+        with gr.Row():
+            drawn = gr.Image(
+                label="Regions", type="pil", format="png", interactive=False, scale=2, elem_id="dr-regions"
+            )
+            table = gr.Dataframe(
+                headers=TABLE_HEADERS,
+                datatype=["number", "str", "str", "number", "str", "str", "str"],
+                label="Descriptions",
+                interactive=False,
+                scale=4,
+                wrap=True,
+                max_height=900,
+                column_widths=["4%", "12%", "25%", "10%", "12%", "14%", "23%"],
+                elem_id="dr-table",
+            )
+        views = gr.Image(
+            label="Views (t = 0 is the box itself)",
+            type="pil",
+            format="png",
+            visible=False,
+            elem_id="dr-views",
+        )
+
+        # Gradio finds the progress tracker by its default value (a fresh tracker per call).
+        def describe_regions(values, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+            path = values[picture]
+            if path is None:
+                raise gr.Error("No picture: upload one or pick an example first.")
+            try:
+                image, notes = open_picture(path)
+                region_boxes, controls = parse_regions(values[boxes])
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
+            for note in notes:
+                gr.Warning(note)
+            if not region_boxes:
+                raise gr.Error("No box: drag on the picture to draw one, or type x1,y1,x2,y2 in Boxes.")
+            if len(region_boxes) > MAX_REGIONS:
+                raise gr.Error(
+                    f"{len(region_boxes)} boxes: the demo describes at most {MAX_REGIONS} at a time."
+                )
+            for number, box in enumerate(region_boxes):
+                if box[0] < 0 or box[1] < 0 or box[2] > image.width or box[3] > image.height:
+                    raise gr.Error(
+                        f"box {number} ({','.join(f'{v:g}' for v in box)}) is not inside the "
+                        f"{image.width}x{image.height} picture."
+                    )
+            selection = {"image_prior": {}, "task": {"view_selection": "task", "task": values[task]}}.get(
+                values[view_mode], {"view_selection": [values[slider] for slider in ratios]}
+            )
+            progress(0, desc=f"describing {len(region_boxes)} regions")
+            try:
+                results = describe(
+                    image,
+                    boxes=region_boxes,
+                    controls=controls if any(controls) else None,
+                    attribute_top_k=_TOP_ATTRIBUTES,
+                    return_views=values[show_views],
+                    progress_bar=True,
+                    **selection,
+                )
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
+            views_picture = gr.update(value=None, visible=False)
+            if values[show_views]:
+                views_picture = gr.update(
+                    value=draw_views(
+                        image,
+                        [result["views"]["crop_boxes"] for result in results],
+                        [result["views"]["view_boxes"] for result in results],
+                        [result["views"]["ratios"] for result in results],
+                        view_size=view_size,
+                        captions=[result["caption"] for result in results],
+                    ),
+                    visible=True,
+                )
+            rows = [_table_row(index, result) for index, result in enumerate(results)]
+            return draw_regions(image, results, legend=len(results) > 3), rows, views_picture
+
+        picture.change(_show_board, picture, board)
+        picture.upload(lambda: "", None, boxes)
+        picture.clear(lambda: "", None, boxes)
+        remove.click(remove_box, [boxes, box_number], boxes)
+        clear.click(lambda: "", None, boxes)
+        view_mode.change(
+            lambda mode: (gr.update(visible=mode == "task"), gr.update(visible=mode == "explicit")),
+            view_mode,
+            [task, ratio_row],
+        )
+        run.click(
+            describe_regions,
+            {picture, boxes, view_mode, task, show_views, *ratios},
+            [drawn, table, views],
+        )
+    demo.queue(default_concurrency_limit=1)
+    return demo
