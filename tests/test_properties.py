@@ -5,7 +5,7 @@ exception (docs/reliability.md)."""
 import numpy as np
 import PIL.Image
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import pipeline
 
@@ -59,8 +59,11 @@ def processor():
     return DynReferImageProcessor(size={"height": 28, "width": 28})
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(images=images, boxes=boxes, masks=masks, kwargs=options)
+@example(
+    images=np.full((20, 24, 3), 128, np.uint8), boxes=[[1, 2, 10, 12]], masks=None, kwargs={}
+)  # a result
 def test_processor_gives_a_result_or_a_documented_error(processor, images, boxes, masks, kwargs):
     try:
         out = processor(images, boxes=boxes, masks=masks, **kwargs)
@@ -91,8 +94,11 @@ call_options = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(images=images, boxes=boxes, masks=masks, kwargs=call_options)
+@example(
+    images=np.full((20, 24, 3), 128, np.uint8), boxes=[[1, 2, 10, 12]], masks=None, kwargs={}
+)  # a result
 def test_pipeline_gives_a_result_or_a_documented_error(describe, images, boxes, masks, kwargs):
     try:
         results = describe(images, boxes=boxes, masks=masks, max_new_tokens=2, **kwargs)
