@@ -25,7 +25,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer, TrainingArguments, set_seed
 
 import dynrefer_hf  # noqa: F401  (registers the model type)
 from dynrefer_hf.configuration_dynrefer import DEFAULT_TRAINABLE_MODULES
@@ -136,7 +136,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument(
         "--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the final model)"
     )
-    run.add_argument("--resume-from-checkpoint", help="a checkpoint folder of an earlier run (--save-steps)")
+    run.add_argument(
+        "--resume-from-checkpoint",
+        help="a checkpoint folder of an earlier run (--save-steps), or 'last' for the last complete one of --output-dir",
+    )
     run.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.tiny == bool(args.model):
@@ -305,6 +308,7 @@ def trainable_modules(choice: str, model) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    set_seed(args.seed)  # before anything random is built (the LoRA adapters): --seed makes the run repeatable
     use_cpu = not torch.cuda.is_available()
     arguments = TrainingArguments(
         output_dir=args.output_dir,
@@ -380,7 +384,8 @@ def main(argv=None) -> None:
         )
 
     trainer = RegionTrainer(model=trained, args=arguments, train_dataset=train_dataset, data_collator=collator)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    resume = args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
 
     final = merge_language_model_lora(trained) if args.lora else model
     if trainer.is_world_process_zero():

@@ -149,8 +149,7 @@ def test_model_neither_local_nor_cached_says_how_to_get_weights(image_path, caps
         (["caption", "IMAGE"], "no regions given"),
         (["caption", "no/such.jpg", "--box", "1,2,3,4"], "image file not found: no/such.jpg"),
         (["caption", "NOT_AN_IMAGE", "--box", "1,2,3,4"], "is not a readable image"),
-        (["caption", "IMAGE", "--box", "1,2,3000,40"], "is not inside the 640x478 image"),
-        (["caption", "IMAGE", "--box", "1,2,30,40", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["caption", "IMAGE", "--box", "700,500,800,600"], "the box covers no pixel of the 640x478 image"),
         (["info", "no/such/model"], "'no/such/model' is neither a local folder"),
         (["caption", "IMAGE", "--box", "1,2,30,40", "--draw", "no/such/folder/out.png"], "does not exist"),
         (["caption", "IMAGE", "--box", "1,2,30,40", "--show-views", "views.txt"], "image extension"),
@@ -165,10 +164,19 @@ def test_bad_input_exits_with_a_message(args, message, image_path, tmp_path, cap
 
 
 @pytest.mark.parametrize(
-    ("box", "message"), [("1,2,3", "expected four numbers"), ("5,5,1,9", "an empty box")]
+    ("args", "message"),
+    [
+        (["--box", "1,2,3"], "expected four numbers"),
+        (["--box", "5,5,1,9"], "need x1 <= x2 and y1 <= y2"),
+        (["--box", "nan,5,10,9"], "must be finite numbers"),
+        (["--box", "1,2,30,40", "--batch-size", "0"], "argument --batch-size: '0' is not an integer >= 1"),
+        (["--box", "1,2,30,40", "--tag-threshold", "1.5"], "argument --tag-threshold: '1.5' is not a number in [0, 1]"),
+        (["--box", "1,2,30,40", "--top-attributes", "-1"], "argument --top-attributes: '-1' is not an integer >= 0"),
+        (["--box", "1,2,30,40", "--timeout", "0"], "argument --timeout: '0' is not a number in (0, inf]"),
+    ],
 )
-def test_malformed_box_is_a_usage_error(box, message, image_path, capsys):
+def test_malformed_argument_is_a_usage_error(args, message, image_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["caption", image_path, "--box", box])
+        main(["caption", image_path, *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err

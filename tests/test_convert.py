@@ -758,3 +758,53 @@ def test_push_refuses_a_folder_that_is_not_a_conversion(tmp_path, capsys):
 
     assert main(["push", str(tmp_path)]) == 2
     assert "not a folder written by `dynrefer convert`" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ load_upstream_state_dict
+
+
+def _full_upstream_state_dict(upstream, model):
+    """Every upstream key of a DynReferT5 state dict: the trained part, BLIP-2's frozen extras, the ViT, Flan-T5
+    (under `t5_model.`) and the three tables."""
+    tensors = upstream["tensors"]
+    full = dict(tensors["dynrefer"])
+    full.update({k: v for k, v in tensors["blip2"].items() if k.startswith(("query_tokens", "ln_vision"))})
+    full.update({f"visual_encoder.{k}": v for k, v in tensors["eva_vit"].items()})
+    full.update({f"t5_model.{k}": v for k, v in tensors["flan_t5"].items()})
+    generator = torch.Generator().manual_seed(0)
+    for name in ("clip_embeds", "att_embeds", "ov_embeds"):
+        full[name] = torch.randn(getattr(model, name).shape, generator=generator)
+    return full
+
+
+def test_load_upstream_state_dict_fills_every_weight_and_checks_aliases(upstream, tiny_config):
+    from dynrefer_hf.convert import load_upstream_state_dict
+
+    model = DynReferForRegionCaptioning(tiny_config)
+    full = _full_upstream_state_dict(upstream, model)
+    mapped = load_upstream_state_dict(model, full)
+    state = model.state_dict()
+    assert set(model_weight_inventory(model)) <= set(mapped.tensors)
+    for target, tensor in mapped.tensors.items():
+        assert torch.equal(state[target], tensor.to(state[target].dtype)), target
+    assert torch.equal(state["cvem_mlp.0.weight"], full["cvem_mlp.0.weight"])
+    aliases = [key for key, reason in mapped.dropped.items() if "tied alias" in reason]
+    assert sorted(aliases) == ["t5_model.decoder.embed_tokens.weight", "t5_model.encoder.embed_tokens.weight"]
+
+    # strict: a trained-part-only checkpoint leaves the frozen parts unfilled, and says which
+    with pytest.raises(ConversionError, match=r"missing \(no source fills them\)[\s\S]*clip_embeds"):
+        load_upstream_state_dict(DynReferForRegionCaptioning(tiny_config), upstream["tensors"]["dynrefer"])
+    # not strict: the subset loads (aliases checked against the model's own shared embedding)
+    partial = DynReferForRegionCaptioning(tiny_config)
+    partial.language_model.shared.weight.data.copy_(upstream["tensors"]["flan_t5"]["shared.weight"])
+    load_upstream_state_dict(partial, upstream["tensors"]["dynrefer"], strict=False)
+    assert torch.equal(partial.cem_memory, upstream["tensors"]["dynrefer"]["cem_memory"])
+    # an alias that differs from the shared embedding is refused, not dropped
+    with pytest.raises(ValueError, match="encoder.embed_tokens.weight differs"):
+        load_upstream_state_dict(DynReferForRegionCaptioning(tiny_config), upstream["tensors"]["dynrefer"], strict=False)
+    # misshaped and unknown keys
+    misshaped = {**full, "cem_memory": torch.zeros(3)}
+    with pytest.raises(ConversionError, match=r"shape mismatch[\s\S]*cem_memory"):
+        load_upstream_state_dict(DynReferForRegionCaptioning(tiny_config), misshaped)
+    with pytest.raises(UnknownKeysError, match="cvem_align.bogus"):
+        load_upstream_state_dict(model, {**full, "cvem_align.bogus": torch.zeros(1)})

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dynrefer_hf.cli import main
@@ -27,6 +28,13 @@ def test_scene_writes_a_test_scene_and_prints_its_boxes(tmp_path, capsys):
 def test_scene_and_train_demo_reject_bad_arguments(tmp_path, capsys):
     assert main(["scene", str(tmp_path / "missing" / "x.png")]) == 2
     assert "cannot write" in capsys.readouterr().err
-    assert main(["scene", str(tmp_path / "x.png"), "--index", "-1"]) == 2
-    assert main(["train-demo", "--output-dir", str(tmp_path), "--epochs", "0"]) == 2
-    assert "--epochs must be positive" in capsys.readouterr().err
+    assert main(["scene", str(tmp_path / "x.txt")]) == 2
+    assert "image extension" in capsys.readouterr().err
+    for args, message in (
+        (["scene", str(tmp_path / "x.png"), "--index", "-1"], "argument --index: '-1' is not an integer >= 0"),
+        (["train-demo", "--output-dir", str(tmp_path), "--epochs", "0"], "'0' is not a number in (0, inf]"),
+        (["train-demo", "--learning-rate", "nan"], "'nan' is not a number in (0, inf]"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

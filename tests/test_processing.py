@@ -271,14 +271,18 @@ def test_image_modes(image_processor, small_image):
         expected = image_processor(converted.convert("RGB"), boxes=box)["pixel_values"]
         assert torch.equal(image_processor(converted, boxes=box)["pixel_values"], expected), mode
     grey = np.asarray(small_image.convert("L"))
-    assert torch.equal(
-        image_processor(grey, boxes=box)["pixel_values"],
-        image_processor(small_image.convert("L"), boxes=box)["pixel_values"],
-    )
-    with pytest.raises(ValueError, match="I;16"):
-        image_processor(Image.fromarray(np.zeros((20, 20), np.uint16)), boxes=[[0, 0, 5, 5]])
-    with pytest.raises(ValueError, match="uint16"):
-        image_processor(np.zeros((20, 20, 3), np.uint16), boxes=[[0, 0, 5, 5]])
+    grey_out = image_processor(small_image.convert("L"), boxes=box)
+    assert torch.equal(image_processor(grey, boxes=box)["pixel_values"], grey_out["pixel_values"])
+    # 16-bit images are rescaled to 8 bits (x * 255 / 65535, rounded), not clipped to white
+    wide = np.asarray(small_image.convert("L")).astype(np.uint16) * 257  # 8-bit v -> 16-bit v * 257
+    for sixteen_bit in (Image.fromarray(wide), wide, np.repeat(wide[:, :, None], 3, axis=2)):
+        assert torch.equal(image_processor(sixteen_bit, boxes=box)["pixel_values"], grey_out["pixel_values"])
+    with pytest.raises(ValueError, match="'I'"):
+        image_processor(Image.fromarray(np.zeros((20, 20), np.int32)), boxes=[[0, 0, 5, 5]])
+    with pytest.raises(ValueError, match="'F'"):
+        image_processor(Image.fromarray(np.zeros((20, 20), np.float32)), boxes=[[0, 0, 5, 5]])
+    with pytest.raises(ValueError, match="float32"):
+        image_processor(np.zeros((20, 20, 3), np.float32), boxes=[[0, 0, 5, 5]])
     with pytest.raises(TypeError, match="PIL images or NumPy"):
         image_processor(torch.zeros(3, 20, 20).tolist(), boxes=[[[0, 0, 5, 5]]])
 

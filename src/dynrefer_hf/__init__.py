@@ -2,18 +2,32 @@
 
 Importing this package registers the ``dynrefer`` model type with the Auto classes and the
 ``region-captioning`` pipeline task, so no ``trust_remote_code`` is needed.
+
+The one exception is the ``dynrefer`` command itself (the console script or ``python -m dynrefer_hf.cli``):
+there registration, which imports torch and transformers (seconds), is left to the command, which
+calls `register` once its arguments are parsed, so that ``dynrefer --help`` and argument errors answer
+at once. The public names below are imported on first use either way.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
-
-from .configuration_dynrefer import DynReferConfig
-from .image_processing_dynrefer import DynReferImageProcessor
-from .modeling_dynrefer import DynReferForRegionCaptioning, DynReferOutput, DynReferPreTrainedModel
-from .pipelines import RegionCaptioningPipeline, register_pipeline
-from .processing_dynrefer import DynReferProcessor
-from .visualize import draw_regions, draw_views
+import importlib
+import itertools
+import os
+import sys
 
 __version__ = "0.1.0"
+
+# public name -> the module defining it
+_EXPORTS = {
+    "DynReferConfig": "configuration_dynrefer",
+    "DynReferForRegionCaptioning": "modeling_dynrefer",
+    "DynReferImageProcessor": "image_processing_dynrefer",
+    "DynReferOutput": "modeling_dynrefer",
+    "DynReferPreTrainedModel": "modeling_dynrefer",
+    "DynReferProcessor": "processing_dynrefer",
+    "RegionCaptioningPipeline": "pipelines",
+    "draw_regions": "visualize",
+    "draw_views": "visualize",
+}
 
 __all__ = [
     "DynReferConfig",
@@ -26,11 +40,67 @@ __all__ = [
     "__version__",
     "draw_regions",
     "draw_views",
+    "register",
 ]
 
-AutoConfig.register(DynReferConfig.model_type, DynReferConfig, exist_ok=True)
-AutoModel.register(DynReferConfig, DynReferForRegionCaptioning, exist_ok=True)
-AutoModelForImageTextToText.register(DynReferConfig, DynReferForRegionCaptioning, exist_ok=True)
-AutoImageProcessor.register(DynReferConfig, image_processor_classes={"pil": DynReferImageProcessor}, exist_ok=True)
-AutoProcessor.register(DynReferConfig, DynReferProcessor, exist_ok=True)
-register_pipeline()
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register DynRefer with transformers' Auto classes and the ``region-captioning`` pipeline task.
+
+    Done by ``import dynrefer_hf``; calling it again does nothing.
+    """
+    global _registered
+    if _registered:
+        return
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+    )
+
+    from .configuration_dynrefer import DynReferConfig
+    from .image_processing_dynrefer import DynReferImageProcessor
+    from .modeling_dynrefer import DynReferForRegionCaptioning
+    from .pipelines import register_pipeline
+    from .processing_dynrefer import DynReferProcessor
+
+    AutoConfig.register(DynReferConfig.model_type, DynReferConfig, exist_ok=True)
+    AutoModel.register(DynReferConfig, DynReferForRegionCaptioning, exist_ok=True)
+    AutoModelForImageTextToText.register(DynReferConfig, DynReferForRegionCaptioning, exist_ok=True)
+    AutoImageProcessor.register(
+        DynReferConfig, image_processor_classes={"pil": DynReferImageProcessor}, exist_ok=True
+    )
+    AutoProcessor.register(DynReferConfig, DynReferProcessor, exist_ok=True)
+    register_pipeline()
+    _registered = True
+
+
+def _started_as_the_command() -> bool:
+    """Whether this process is the ``dynrefer`` command: its console script or ``python -m dynrefer_hf.cli``."""
+    # the console script; a user's own `dynrefer.py` does not count (it may rely on the registration)
+    if os.path.basename(sys.argv[0] if sys.argv else "") in (
+        "dynrefer",
+        "dynrefer.exe",
+        "dynrefer-script.py",
+    ):
+        return True
+    arguments = getattr(sys, "orig_argv", [])
+    return any(
+        flag == "-m" and module in ("dynrefer_hf.cli", "dynrefer_hf.cli.__main__")
+        for flag, module in itertools.pairwise(arguments)
+    )
+
+
+if not _started_as_the_command():
+    register()

@@ -15,6 +15,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig, Blip2VisionConfig
 from transformers.models.clip.configuration_clip import CLIPTextConfig
 
+from .validation import check_count, check_probability
+
 __all__ = [
     "DEFAULT_TRAINABLE_MODULES",
     "EVA_CLIP_TEXT_CONFIG",
@@ -247,10 +249,30 @@ class DynReferConfig(PreTrainedConfig):
         self._check_architecture()
         self._check_vocabularies()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`, refusing the `config.json` of another `model_type`: its fields
+        would be ignored and the full-size released architecture built instead."""
+        found = config_dict.get("model_type")
+        if found is not None and found != cls.model_type:
+            raise ValueError(
+                f"this config is of model_type {found!r}, not {cls.model_type!r}: DynReferConfig refuses it "
+                "(it would build the released DynRefer architecture around another model's settings)"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     def _check_architecture(self) -> None:
-        for name in ("num_views", "num_query_tokens", "roi_output_size", "head_num_layers", "align_group"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "num_views",
+            "num_query_tokens",
+            "roi_output_size",
+            "head_num_layers",
+            "align_group",
+            "max_text_length",
+        ):
+            check_count(name, getattr(self, name))
+        check_probability("tag_threshold", self.tag_threshold)
+        check_probability("head_dropout", self.head_dropout)
         if self.align_kernel_size % 2 == 0 or self.align_dw_kernel_size % 2 == 0:
             raise ValueError("align_kernel_size and align_dw_kernel_size must be odd (same-size alignment)")
         if self.vision_config.hidden_size % self.align_group:

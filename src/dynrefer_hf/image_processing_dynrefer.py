@@ -25,6 +25,7 @@ from threadpoolctl import ThreadpoolController
 from transformers import BaseImageProcessor, BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from .validation import binary_masks, check_count, check_number, checked_region_box
 from .views import (
     PHASH_RESOLUTION,
     TASK_PRIOR_RATIOS,
@@ -38,15 +39,21 @@ from .views import (
     target_boxes_in_views,
     task_prior_ratios,
     view_boxes,
-    widen_degenerate_box,
 )
 
 __all__ = ["DynReferImageProcessor", "to_rgb_array"]
 
 VIEW_SELECTIONS = ("image_prior", "random", "task")
 PHASH_METHODS = ("upstream", "imagehash")
-# PIL modes whose conversion to 8-bit RGB would clip (not rescale) the values: refused, not guessed.
-_WIDE_PIL_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+# PIL modes of 16-bit unsigned pixels: rescaled to 8 bits (x * 255 / 65535, rounded), not clipped.
+_UINT16_PIL_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# PIL modes whose range is unknown (32-bit integers, floats): refused, not guessed.
+_WIDE_PIL_MODES = ("I", "F")
+
+
+def _uint16_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Full-range 16-bit values as 8-bit ones: ``round(x * 255 / 65535)`` (0 -> 0, 65535 -> 255)."""
+    return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 # Default cap on the threads that build the views (beyond it, resizing is memory-bound).
 _MAX_THREADS = 8
 
@@ -56,36 +63,46 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
     PIL images of 8-bit modes (L, P, RGBA, CMYK, YCbCr, ...) are converted with ``convert("RGB")``, as
     upstream does after ``Image.open``: the alpha channel is dropped, not composited. Arrays may be
-    ``[H, W]`` (grey), ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (alpha dropped) uint8.
+    ``[H, W]`` (grey), ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (alpha dropped). 16-bit images (PIL
+    modes ``I;16*``, ``uint16`` arrays) are rescaled to 8 bits (``round(x * 255 / 65535)``) rather than
+    clipped as ``convert("RGB")`` would.
 
     Raises:
-        ValueError: for 16-bit, 32-bit or float images (convert them to 8 bits yourself: the scaling is
-            yours to choose), empty images, or arrays of another shape.
+        ValueError: for 32-bit or float images (their range is unknown: convert them to 8 bits yourself),
+            empty images, or arrays of another shape.
         TypeError: for anything that is not a PIL image or a NumPy array.
     """
     if isinstance(image, Image.Image):
         if image.mode in _WIDE_PIL_MODES:
             raise ValueError(
-                f"PIL images of mode {image.mode!r} (16/32-bit or float) are not supported: convert them to "
-                "8-bit RGB first (upstream's Image.convert('RGB') would clip the values)"
+                f"PIL images of mode {image.mode!r} (32-bit integer or float pixels) are not supported: their "
+                "range is unknown, so convert them to 8-bit RGB first (Image.convert('RGB') would clip the values)"
             )
-        array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        if image.mode in _UINT16_PIL_MODES:
+            array = np.asarray(image).astype(np.uint16)
+        else:
+            array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     elif isinstance(image, np.ndarray):
         array = image
-        if array.dtype != np.uint8:
-            raise ValueError(
-                f"image arrays must be uint8 RGB, got dtype {array.dtype}; convert to 8 bits first"
-            )
-        if array.ndim == 2:
-            array = np.repeat(array[:, :, None], 3, axis=2)
-        elif array.ndim == 3 and array.shape[2] in (1, 3, 4):
-            array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
-        else:
-            raise ValueError(
-                f"image arrays must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {array.shape}"
-            )
     else:
-        raise TypeError(f"images must be PIL images or NumPy uint8 arrays, got {type(image).__name__}")
+        raise TypeError(
+            f"images must be PIL images or NumPy uint8/uint16 arrays, got {type(image).__name__}"
+        )
+    if array.dtype == np.uint16:
+        array = _uint16_to_uint8(array)
+    elif array.dtype != np.uint8:
+        raise ValueError(
+            f"image arrays must be uint8 (or uint16) RGB, got dtype {array.dtype}: the range of other types is "
+            "unknown, so convert to 8 bits first (e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1])"
+        )
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
+    else:
+        raise ValueError(
+            f"image arrays must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got shape {list(array.shape)}"
+        )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"the image is empty ({array.shape[1]}x{array.shape[0]} pixels)")
     return np.ascontiguousarray(array)
@@ -203,28 +220,42 @@ class DynReferImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if size is not None and (
+            not isinstance(size, dict)
+            or set(size) != {"height", "width"}
+            or not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in size.values())
+        ):
+            raise ValueError(f"size must be {{'height': H, 'width': W}} with positive integer sides, got {size!r}")
         self.size = dict(size) if size is not None else {"height": 224, "width": 224}
-        self.num_views = int(num_views)
-        self.num_candidate_views = int(num_candidate_views)
+        self.num_views = check_count("num_views", num_views)
+        self.num_candidate_views = check_count("num_candidate_views", num_candidate_views)
         self.view_selection = view_selection
         self.task = task
         self.phash_method = phash_method
-        self.phash_resolution = int(phash_resolution)
+        self.phash_resolution = check_count("phash_resolution", phash_resolution)
         self.resample = int(resample)
-        self.rescale_factor = float(rescale_factor)
-        self.image_mean = list(image_mean) if image_mean is not None else list(OPENAI_CLIP_MEAN)
-        self.image_std = list(image_std) if image_std is not None else list(OPENAI_CLIP_STD)
+        self.rescale_factor = check_number("rescale_factor", rescale_factor, 0.0, low_open=True)
+        self.image_mean = self._channel_values("image_mean", image_mean, OPENAI_CLIP_MEAN)
+        self.image_std = self._channel_values("image_std", image_std, OPENAI_CLIP_STD)
+        if min(self.image_std) <= 0:
+            raise ValueError(f"image_std must be positive, got {self.image_std}")
         self._check_settings()
 
+    @staticmethod
+    def _channel_values(name: str, values: Sequence[float] | None, default: Sequence[float]) -> list[float]:
+        """Three finite numbers, one per RGB channel."""
+        values = list(default) if values is None else values
+        if isinstance(values, str) or not isinstance(values, Sequence) or len(values) != 3:
+            raise ValueError(f"{name} must be three numbers (R, G, B), got {values!r}")
+        return [check_number(f"{name}[{index}]", value) for index, value in enumerate(values)]
+
     def _check_settings(self) -> None:
-        if set(self.size) != {"height", "width"} or min(self.size.values()) < 1:
-            raise ValueError(f"size must be {{'height': H, 'width': W}} with positive sides, got {self.size}")
-        if self.num_views < 1:
-            raise ValueError(f"num_views must be >= 1, got {self.num_views}")
         if self.num_views - 1 > self.num_candidate_views:
             raise ValueError(f"{self.num_views} views need at least {self.num_views - 1} candidates")
         if self.phash_method not in PHASH_METHODS:
             raise ValueError(f"phash_method must be one of {PHASH_METHODS}, got {self.phash_method!r}")
+        if isinstance(self.view_selection, str) and self.view_selection not in VIEW_SELECTIONS:
+            raise ValueError(f"view_selection must be one of {VIEW_SELECTIONS}, got {self.view_selection!r}")
 
     @property
     def candidate_ratios(self) -> tuple[float, ...]:
@@ -244,14 +275,20 @@ class DynReferImageProcessor(BaseImageProcessor):
                 per_image.append(_as_box_array(entry, f"image {index}"))
         else:
             for index, entry in enumerate(_split_per_image(masks, len(images), single, "masks", 2)):
-                entry = np.asarray(entry)
+                entry = binary_masks(entry, f"image {index}: masks")
                 entry = entry[None] if entry.ndim == 2 else entry
                 if entry.ndim != 3 or entry.shape[1:] != images[index].shape[:2]:
                     raise ValueError(
                         f"image {index}: masks must be [R, H, W] with the image's (H, W) = "
                         f"{images[index].shape[:2]}, got {entry.shape}"
                     )
-                per_image.append(_as_box_array([mask_to_box(mask) for mask in entry], f"image {index}"))
+                boxes_of_masks = []
+                for region, mask in enumerate(entry):
+                    try:
+                        boxes_of_masks.append(mask_to_box(mask))
+                    except ValueError as error:
+                        raise ValueError(f"image {index}, mask {region}: {error}") from None
+                per_image.append(_as_box_array(boxes_of_masks, f"image {index}"))
         result = []
         for index, (image, regions) in enumerate(zip(images, per_image)):
             height, width = image.shape[:2]
@@ -259,25 +296,13 @@ class DynReferImageProcessor(BaseImageProcessor):
                 regions = regions * np.array([width, height, width, height], dtype=np.float64)
             result.append(
                 np.array(
-                    [self._checked_box(box, width, height, index, k) for k, box in enumerate(regions)]
+                    [
+                        checked_region_box(box, width, height, f"image {index}, region {k}")
+                        for k, box in enumerate(regions)
+                    ]
                 ).reshape(-1, 4)
             )
         return result
-
-    @staticmethod
-    def _checked_box(
-        box: np.ndarray, width: int, height: int, image_index: int, region_index: int
-    ) -> np.ndarray:
-        where = f"image {image_index}, region {region_index} {box.tolist()}"
-        if not np.all(np.isfinite(box)):
-            raise ValueError(f"{where}: box coordinates must be finite (no NaN or inf)")
-        if box[2] < box[0] or box[3] < box[1]:
-            raise ValueError(f"{where}: need x1 <= x2 and y1 <= y2 (boxes are (x1, y1, x2, y2))")
-        box = np.array(widen_degenerate_box(box, width, height))
-        x1, y1, x2, y2 = crop_boxes_from_view_boxes(box, width, height).tolist()
-        if x2 <= x1 or y2 <= y1:
-            raise ValueError(f"{where}: the box covers no pixel of the {width}x{height} image")
-        return box
 
     # -------------------------------------------------------------------------------------- selection
 
@@ -312,6 +337,12 @@ class DynReferImageProcessor(BaseImageProcessor):
                     f"view_selection='task' needs task in {sorted(TASK_PRIOR_RATIOS)}, got {task!r}"
                 )
             return
+        if not isinstance(view_selection, Sequence) or not all(
+            isinstance(t, (int, float, np.floating, np.integer)) and not isinstance(t, bool) for t in view_selection
+        ):
+            raise TypeError(
+                f"view_selection must be one of {VIEW_SELECTIONS} or a list of t in [0, 1], got {view_selection!r}"
+            )
         ratios = [float(t) for t in view_selection]
         if len(ratios) != self.num_views - 1:
             raise ValueError(
@@ -394,6 +425,8 @@ class DynReferImageProcessor(BaseImageProcessor):
         """
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
+            raise TypeError(f"seed must be an integer or None, got {seed!r} ({type(seed).__name__})")
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         threads = _thread_count(num_threads)
@@ -406,7 +439,12 @@ class DynReferImageProcessor(BaseImageProcessor):
         elif isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
         elif not isinstance(images, (list, tuple)):
-            raise TypeError(f"images must be an image or a list of images, got {type(images).__name__}")
+            raise TypeError(
+                "images must be a PIL image, a uint8 array or a list of them (load files first, e.g. with "
+                f"dynrefer_hf.pipelines.load_rgb_image), got {type(images).__name__}"
+            )
+        if len(images) == 0:
+            raise ValueError("images is empty: give at least one image")
         arrays = [to_rgb_array(image) for image in images]
         regions = self._regions_per_image(arrays, boxes, masks, normalized_boxes, single)
         rng = random.Random(seed) if seed is not None else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,13 +30,17 @@ from transformers import (
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    BaseModelOutputWithPoolingAndCrossAttentions,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
 from transformers.utils import ModelOutput
 
 from .configuration_dynrefer import DynReferConfig
 from .ops import offset_resample, roi_align
+from .validation import check_model_folder, check_weight_shapes
 
 __all__ = [
     "ATTRIBUTE_LABEL_LOSSES",
@@ -129,6 +134,31 @@ def _renamed_output(old: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ losses
+
+
+def _at_least_float32(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor`` in float32, or in float64 when it (or ``like``, the model's activations it was computed
+    from, e.g. before bf16 rounding) is float64: half-precision results widen, a float64 model keeps float64."""
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    if like is not None:
+        dtype = torch.promote_types(dtype, like.dtype)
+    return tensor.to(dtype)
+
+
+def _pad_after_eos(sequences: torch.Tensor, generation_config, is_encoder_decoder: bool) -> None:
+    """Put the pad id after the first EOS of every generated sequence, in place, as upstream's transformers did.
+
+    transformers 5's beam search fills finished beams with ``pad_token_id or eos_token_id``, which takes
+    T5's pad id 0 for missing and pads with EOS; greedy search already pads with the pad id.
+    """
+    pad, eos = generation_config.pad_token_id, generation_config.eos_token_id
+    if pad is None or eos is None or sequences.numel() == 0:
+        return
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=sequences.device)
+    start = 1 if is_encoder_decoder else 0  # the decoder start token is not generated
+    is_eos = torch.isin(sequences[:, start:], eos)
+    after_first_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    sequences[:, start:].masked_fill_(after_first_eos, pad)
 
 
 def asymmetric_loss(
@@ -598,10 +628,22 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        """As `PreTrainedModel.from_pretrained`, with one-sentence errors for a local folder that is broken
+        (`validation.check_model_folder`) or whose weights do not fit its config, and `model.missing_weights`
+        listing the weights the checkpoint lacked."""
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+            check_model_folder(source)
+            if kwargs.get("config") is None and not kwargs.get("ignore_mismatched_sizes"):
+                with torch.device("meta"):
+                    expected = cls(cls.config_class.from_pretrained(source))
+                check_weight_shapes(source, {name: tuple(t.shape) for name, t in expected.state_dict().items()})
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model.set_trainable()  # loading swaps in new Parameters, which resets requires_grad
-        return loaded
+        # Weights the checkpoint lacked (randomly initialised): the pipeline refuses such a model unless told.
+        model.missing_weights = sorted(loading_info["missing_keys"])
+        return (model, loading_info) if output_loading_info else model
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -877,7 +919,12 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         )
         attribute_scores = self.pool_attribute_prompts(attribute_probs)
         class_scores = self._quantize(self.attribute_similarity(region_queries, self.ov_embeds))
-        return tag_logits.float(), tag_mask, attribute_scores.float(), class_scores.float()
+        return (
+            _at_least_float32(tag_logits, like=region_queries),
+            tag_mask,
+            _at_least_float32(attribute_scores, like=region_queries),
+            _at_least_float32(class_scores, like=region_queries),
+        )
 
     def attribute_label_logits(self, region_queries: torch.Tensor) -> torch.Tensor:
         """Logits `[R, num_attributes]` of the attribute-label loss: the attribute head's raw scores `s`
@@ -1097,16 +1144,18 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
             loss_caption, logits = language_model_outputs.loss, language_model_outputs.logits
 
         parts = (loss_caption, loss_tag, loss_region_text, loss_attribute, loss_class)
-        losses = [loss.float() for loss in parts if loss is not None]
+        losses = [_at_least_float32(loss, like=region_queries) for loss in parts if loss is not None]
         output = DynReferOutput(
-            loss=torch.stack(losses).sum() if losses else None,
+            loss=torch.stack(losses).sum()
+            if losses
+            else None,
             loss_caption=loss_caption,
             loss_tag=loss_tag,
             loss_region_text=loss_region_text,
             loss_attribute=loss_attribute,
             loss_class=loss_class,
             logits=logits,
-            tag_logits=self._quantize(raw_tag_logits).float(),
+            tag_logits=_at_least_float32(self._quantize(raw_tag_logits), like=region_queries),
             contrastive_logits=contrastive_logits,
             region_queries=region_queries,
             vision_outputs=vision_outputs,
@@ -1147,9 +1196,12 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         )
         model_kwargs = generation_config.update(**generate_kwargs)  # returns the non-generation arguments
         with self._autocast(embeds.device, torch.bfloat16):
-            return self.language_model.generate(
+            outputs = self.language_model.generate(
                 inputs_embeds=embeds, attention_mask=mask, generation_config=generation_config, **model_kwargs
             )
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        _pad_after_eos(sequences, generation_config, self.config.is_encoder_decoder)
+        return outputs
 
     @torch.no_grad()
     def describe_regions(
@@ -1208,10 +1260,12 @@ class DynReferForRegionCaptioning(DynReferPreTrainedModel, GenerationMixin):
         sampling, the summed log-probabilities of the tokens up to the first EOS. `outputs` is `generate`'s
         output with `return_dict_in_generate=True, output_scores=True`."""
         if getattr(outputs, "sequences_scores", None) is not None:
-            return outputs.sequences_scores.float()
+            return _at_least_float32(outputs.sequences_scores)
         steps = len(outputs.scores)
         generated = outputs.sequences[:, -steps:]
-        log_probs = torch.stack([F.log_softmax(step.float(), dim=-1) for step in outputs.scores], dim=1)
+        log_probs = torch.stack(
+            [F.log_softmax(_at_least_float32(step), dim=-1) for step in outputs.scores], dim=1
+        )
         token_log_probs = log_probs.gather(2, generated.unsqueeze(-1)).squeeze(-1)
         eos = self.generation_config.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=generated.device)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .common import parse_box
+from .common import add_model_loading_options, count, number, parse_box
 from .errors import CommandError
 
 __all__ = ["format_table", "register"]
@@ -31,7 +31,11 @@ def register(subparsers) -> None:
         action="append",
         type=parse_box,
         metavar="X1,Y1,X2,Y2",
-        help="a region in pixels (repeat for several regions)",
+        help=(
+            "a region in pixels (repeat for several regions); boxes partly outside the image are clipped for "
+            "the crops, boxes at most 1 px wide or high widened to 1 px; negative values are fine "
+            "(--box -5,3,20,40)"
+        ),
     )
     parser.add_argument("--model", help="model folder or Hub id (default: the package's default model)")
     parser.add_argument("--controls", help="comma-separated control words put before the predicted tags")
@@ -47,44 +51,64 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: as saved)"
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="regions per forward pass (default 20)")
-    parser.add_argument("--tag-threshold", type=float, default=None, help="tag probability threshold")
+    parser.add_argument("--batch-size", type=count(1), default=None, help="regions per forward pass (default 20)")
+    parser.add_argument(
+        "--tag-threshold", type=number(0.0, 1.0), default=None, help="tag probability threshold, in [0, 1]"
+    )
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=count(1),
         default=None,
         help="caption length limit in tokens (default: the model's)",
     )
     parser.add_argument(
-        "--top-attributes", type=int, default=3, help="attributes shown per region (default 3)"
+        "--top-attributes", type=count(0), default=3, help="attributes shown per region (default 3)"
     )
+    parser.add_argument(
+        "--timeout",
+        type=number(0.0, low_open=True),
+        default=None,
+        help="seconds to wait for the server when IMAGE is a URL (default 30)",
+    )
+    parser.add_argument(
+        "--ignore-exif-orientation",
+        action="store_true",
+        help="use the stored pixel order of the image file, not its EXIF orientation (upstream's behaviour)",
+    )
+    add_model_loading_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipelines.region_captioning import DEFAULT_MODEL, load_rgb_image
+    from ..pipelines.region_captioning import load_rgb_image
+    from ..validation import DEFAULT_DOWNLOAD_TIMEOUT, checked_region_box
     from ..visualize import draw_regions, draw_views
-    from .common import load_region_captioner
+    from .common import load_region_captioner, model_or_default
 
     if not args.boxes:
         raise CommandError("no regions given: add at least one --box x1,y1,x2,y2 (pixels)")
-    try:
-        image = load_rgb_image(args.image)
-    except (OSError, ValueError) as error:
-        raise CommandError(str(error)) from None
-    for box in args.boxes:
-        if box[0] < 0 or box[1] < 0 or box[2] > image.width or box[3] > image.height:
-            raise CommandError(
-                f"box {_format_box(box)} is not inside the {image.width}x{image.height} image {args.image}"
-            )
-    if args.batch_size is not None and args.batch_size < 1:
-        raise CommandError("--batch-size must be at least 1")
     for option, path in (("--draw", args.draw), ("--show-views", args.show_views)):
         if path is not None:
             _check_picture_path(option, path)
+    try:
+        image = load_rgb_image(
+            args.image,
+            timeout=DEFAULT_DOWNLOAD_TIMEOUT if args.timeout is None else args.timeout,
+            exif_orientation=not args.ignore_exif_orientation,
+        )
+        for box in args.boxes:  # the pipeline's own rule, checked before the model is loaded
+            checked_region_box(box, image.width, image.height, where="--box")
+    except (OSError, ValueError) as error:
+        raise CommandError(str(error)) from None
 
-    model, revision = (args.model, None) if args.model else DEFAULT_MODEL
-    describe = load_region_captioner(model, revision=revision, device=args.device, dtype=args.dtype)
+    model, revision = model_or_default(args.model, args.quiet)
+    describe = load_region_captioner(
+        model,
+        revision=revision,
+        device=args.device,
+        dtype=args.dtype,
+        allow_missing_weights=args.allow_missing_weights,
+    )
     try:
         results = describe(
             image,
@@ -96,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             return_views=bool(args.show_views),
             **({} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}),
         )
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from None
 
     if args.draw:

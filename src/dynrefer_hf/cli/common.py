@@ -1,19 +1,31 @@
-"""Helpers shared by the subcommands: loading models with one-sentence errors, parsing boxes."""
+"""Helpers shared by the subcommands: loading models with one-sentence errors, parsing boxes, the
+demonstration-model notice."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
+from ..validation import check_count, check_model_folder, check_number, number_range_text, parse_box_text
 from .errors import CommandError
 
-__all__ = ["load_config", "load_region_captioner", "parse_box"]
+__all__ = [
+    "add_model_loading_options",
+    "check_device",
+    "count",
+    "load_config",
+    "load_region_captioner",
+    "model_or_default",
+    "number",
+    "parse_box",
+]
 
 
-def _unavailable(model: str, error: OSError) -> CommandError:
+def _unavailable(model: str, error: Exception) -> CommandError:
     """The user-facing error for a model that could not be loaded."""
     if os.path.isdir(model):
-        return CommandError(f"cannot load the model folder {model}: {error}")
+        return CommandError(f"cannot load the model folder {model}: {str(error).splitlines()[0]}")
     return CommandError(
         f"model {model!r} is neither a local folder nor in the Hugging Face cache and could not be downloaded; "
         f"get its weights on a machine with network access (`hf download {model}`, then copy the cache or the "
@@ -21,48 +33,155 @@ def _unavailable(model: str, error: OSError) -> CommandError:
     )
 
 
+def add_model_loading_options(parser: argparse.ArgumentParser) -> None:
+    """``--allow-missing-weights`` and ``--quiet``, for commands that load a model."""
+    parser.add_argument(
+        "--allow-missing-weights",
+        action="store_true",
+        help="use a checkpoint that lacks some of the model's tensors (they are random; refused by default)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no notice when the embedded demonstration model is used"
+    )
+
+
+def model_or_default(model: str | None, quiet: bool = False) -> tuple[str, str | None]:
+    """``(model, revision)``: ``model``, or the package's default model with a one-line notice on stderr
+    that it is the demonstration model (unless ``quiet``)."""
+    if model:
+        return model, None
+    from ..pipelines.region_captioning import DEFAULT_MODEL, DEMO_MODEL_NOTICE, _is_demo_model
+
+    if not quiet and _is_demo_model(DEFAULT_MODEL[0]):
+        print(
+            f"dynrefer: note: {DEMO_MODEL_NOTICE} (--model to choose one, --quiet to hide this)",
+            file=sys.stderr,
+        )
+    return DEFAULT_MODEL
+
+
 def load_config(model: str, revision: str | None = None):
     """The ``DynReferConfig`` of ``model`` (a folder or a Hub id)."""
     from transformers import AutoConfig
 
     try:
+        check_model_folder(model)
         config = AutoConfig.from_pretrained(model, revision=revision)
-    except OSError as error:
+    except (OSError, ValueError) as error:
+        if isinstance(error, FileNotFoundError) or (isinstance(error, ValueError) and os.path.isdir(model)):
+            raise CommandError(str(error)) from None
         raise _unavailable(model, error) from None
     if config.model_type != "dynrefer":
         raise CommandError(f"{model} is a {config.model_type!r} model, not a DynRefer model")
     return config
 
 
-def load_region_captioner(
-    model: str, revision: str | None = None, device: str | None = None, dtype: str | None = None
-):
-    """The ``region-captioning`` pipeline for ``model`` on ``device`` (default: CUDA when available)."""
+def check_device(device: str | None) -> str:
+    """``device`` (default: cuda when available, else cpu), refused when it does not exist here."""
     import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise CommandError(f"--device {device} is not a device: use cpu, cuda, cuda:1, mps, ...") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {device}: no MPS device is available here; use --device cpu")
+    return device
+
+
+def load_region_captioner(
+    model: str,
+    revision: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    allow_missing_weights: bool = False,
+):
+    """The ``region-captioning`` pipeline for ``model`` on ``device`` (default: CUDA when available).
+
+    A model folder broken in the usual ways (empty, no weights, corrupt weights, a config that is not
+    JSON, incomplete or of another model type) or lacking some of the model's tensors (unless
+    ``allow_missing_weights``) is a `CommandError`, one sentence, before anything large is built.
+    """
     from transformers import pipeline
+    from transformers.utils import logging as transformers_logging
+
+    from ..modeling_dynrefer import DynReferForRegionCaptioning
+    from ..pipelines.region_captioning import logger as pipeline_logger
 
     load_config(model, revision)  # a clear error before the pipeline factory tries anything else
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    device = check_device(device)
+    verbosity = transformers_logging.get_verbosity()
+    # transformers' load report (missing / mismatched tensors) would repeat, as a table, what the one-line
+    # error below says; the command refuses such checkpoints anyway
+    transformers_logging.set_verbosity_error()
     try:
-        return pipeline(
-            "region-captioning", model=model, revision=revision, device=device, dtype=dtype or "auto"
-        )
+        loaded = DynReferForRegionCaptioning.from_pretrained(model, revision=revision, dtype=dtype or "auto")
+    except ValueError as error:
+        if os.path.isdir(model):  # the folder's own problem, named by `from_pretrained`
+            raise CommandError(str(error)) from None
+        raise _unavailable(model, error) from None
     except OSError as error:
         raise _unavailable(model, error) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    level = pipeline_logger.level
+    pipeline_logger.setLevel("ERROR")  # the command prints the demonstration-model notice itself
+    try:
+        return pipeline(
+            "region-captioning",
+            model=loaded,
+            tokenizer=model,
+            image_processor=model,
+            revision=revision,
+            device=device,
+            allow_missing_weights=allow_missing_weights,
+        )
+    except ValueError as error:
+        message = str(error)
+        if "allow_missing_weights" in message:
+            message = message.replace("pass allow_missing_weights=True", "pass --allow-missing-weights")
+            raise CommandError(message) from None
+        raise _unavailable(model, error) from None
+    except OSError as error:
+        raise _unavailable(model, error) from None
+    finally:
+        pipeline_logger.setLevel(level)
 
 
 def parse_box(text: str) -> list[float]:
-    """``"x1,y1,x2,y2"`` (pixels) as four floats, with x2 > x1 and y2 > y1."""
-    parts = text.replace(" ", "").split(",")
+    """``"x1,y1,x2,y2"`` (pixels) as four floats with x1 <= x2 and y1 <= y2 (``validation.parse_box_text``);
+    whether the box covers pixels of the image is checked once the image is read."""
     try:
-        box = [float(part) for part in parts]
-    except ValueError:
-        box = []
-    if len(box) != 4 or len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a box: expected four numbers x1,y1,x2,y2")
-    if not (box[2] > box[0] and box[3] > box[1]):
-        raise argparse.ArgumentTypeError(f"{text!r} is an empty box: x2 must exceed x1 and y2 must exceed y1")
-    return box
+        return parse_box_text(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def count(minimum: int = 1):
+    """An argparse ``type``: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            return check_count("the value", int(text), minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}") from None
+
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse ``type``: a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            return check_number("the value", float(text), low, high, low_open=low_open)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {number_range_text(low, high, low_open)}"
+            ) from None
+
+    return parse

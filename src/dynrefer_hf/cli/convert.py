@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import parse_box
+from .common import check_device, number, parse_box
 from .errors import CommandError
 
 __all__ = ["register", "run_check", "run_convert", "run_push"]
@@ -51,7 +51,9 @@ def register(subparsers) -> None:
         help="also store the EVA-CLIP text tower (to change vocabularies)",
     )
     parser.add_argument(
-        "--tag-threshold", type=float, help="default tag threshold (0.7; upstream evaluates RefCOCOg at 0.76)"
+        "--tag-threshold",
+        type=number(0.0, 1.0),
+        help="default tag threshold, in [0, 1] (0.7; upstream evaluates RefCOCOg at 0.76)",
     )
     parser.add_argument(
         "--config", metavar="JSON", help="a DynReferConfig config.json to convert into (default: released)"
@@ -96,28 +98,28 @@ def _read_json(path: str, what: str) -> dict:
         raise CommandError(f"cannot read the {what} {path}: {error}") from None
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return name
-
-
 def run_convert(args: argparse.Namespace) -> int:
     import torch
 
     from ..configuration_dynrefer import DynReferConfig
     from ..convert import convert_checkpoints, save_converted
 
-    if args.tag_threshold is not None and not 0 < args.tag_threshold < 1:
-        raise CommandError("--tag-threshold must be between 0 and 1")
+    for option, path in (
+        ("--dynrefer", args.dynrefer),
+        ("--blip2", args.blip2),
+        ("--eva-vit", args.eva_vit),
+        ("--eva-clip", args.eva_clip),
+    ):
+        if not Path(path).is_file():
+            raise CommandError(f"{option} {path}: no such file (docs/converting.md says where to get it)")
+    device = check_device(args.device)
     config = None
     if args.config:
         _read_json(args.config, "config")  # a readable JSON file, or a one-line error
-        config = DynReferConfig.from_json_file(args.config)
+        try:
+            config = DynReferConfig.from_json_file(args.config)
+        except (ValueError, TypeError) as error:
+            raise CommandError(f"--config {args.config}: {error}") from None
     text_encoder_config = (
         _read_json(args.text_encoder_config, "text encoder config") if args.text_encoder_config else None
     )
@@ -136,7 +138,7 @@ def run_convert(args: argparse.Namespace) -> int:
             text_encoder_config=text_encoder_config,
             keep_text_encoder=args.keep_text_encoder,
             language_model_dtype=getattr(torch, args.language_model_dtype),
-            device=_device(args.device),
+            device=device,
         )
     except (ValueError, KeyError, OSError) as error:  # the conversion's errors all derive from these
         raise CommandError(str(error)) from None

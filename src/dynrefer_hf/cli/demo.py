@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_model_loading_options
 from .errors import CommandError
 
 __all__ = ["register"]
@@ -31,12 +32,12 @@ def register(subparsers) -> None:
         help="also serve through a public gradio.live link (needs network; default: %(default)s)",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_model_loading_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipelines.region_captioning import DEFAULT_MODEL
-    from .common import load_region_captioner
+    from .common import load_region_captioner, model_or_default
 
     if not 0 < args.port < 65536:
         raise CommandError(f"--port must be between 1 and 65535, got {args.port}")
@@ -44,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
         from ..app import LAUNCH_OPTIONS, build_demo
     except ImportError as error:
         raise CommandError(str(error)) from None
-    model, revision = (args.model, None) if args.model else DEFAULT_MODEL
-    demo = build_demo(load_region_captioner(model, revision=revision, device=args.device))
+    model, revision = model_or_default(args.model, args.quiet)
+    describe = load_region_captioner(
+        model, revision=revision, device=args.device, allow_missing_weights=args.allow_missing_weights
+    )
+    demo = build_demo(describe)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share == "yes", **LAUNCH_OPTIONS)
     except OSError as error:

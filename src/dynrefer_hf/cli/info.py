@@ -23,6 +23,9 @@ def register(subparsers) -> None:
         "model", nargs="?", help="model folder or Hub id (default: the package's default model)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no notice when the embedded demonstration model is used"
+    )
     parser.set_defaults(func=run)
 
 
@@ -94,9 +97,9 @@ def _human(count: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipelines.region_captioning import DEFAULT_MODEL
+    from .common import model_or_default
 
-    summary = model_summary(*((args.model, None) if args.model else DEFAULT_MODEL))
+    summary = model_summary(*model_or_default(args.model, args.quiet))
     if args.json:
         json.dump(summary, sys.stdout, indent=2)
         print()

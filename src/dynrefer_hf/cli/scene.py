@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import count
 from .errors import CommandError
 
 __all__ = ["register"]
@@ -25,8 +26,8 @@ def register(subparsers) -> None:
         ),
     )
     parser.add_argument("output", metavar="OUT.png", nargs="?", help="where to write the scene")
-    parser.add_argument("--index", type=int, default=0, help="which test scene (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="scene generator seed (default: %(default)s)")
+    parser.add_argument("--index", type=count(0), default=0, help="which test scene (default: %(default)s)")
+    parser.add_argument("--seed", type=count(0), default=0, help="scene generator seed (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the boxes and captions as JSON")
     upstream = parser.add_argument_group("benchmark files (for `dynrefer eval`)")
     upstream.add_argument(
@@ -35,7 +36,7 @@ def register(subparsers) -> None:
         help="instead of one scene, write --count test scenes as an upstream annotation file DIR/annotations.json "
         "with DIR/images (docs/evaluation.md)",
     )
-    upstream.add_argument("--count", type=int, default=16, help="scenes for --upstream (default: %(default)s)")
+    upstream.add_argument("--count", type=count(1), default=16, help="scenes for --upstream (default: %(default)s)")
     upstream.add_argument(
         "--region-per-image",
         action="store_true",
@@ -45,11 +46,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
     from ..shapes import export_shapes_upstream, shapes_split
 
     if args.upstream:
-        if args.count < 1:
-            raise CommandError(f"--count must be >= 1, got {args.count}")
         try:
             path = export_shapes_upstream(
                 args.upstream, args.count, seed=args.seed, one_region_per_image=args.region_per_image
@@ -60,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.output is None:
         raise CommandError("give OUT.png (one scene) or --upstream DIR (benchmark files)")
-    if args.index < 0:
-        raise CommandError(f"--index must be >= 0, got {args.index}")
+    target = Path(args.output)
+    if not target.parent.is_dir():
+        raise CommandError(f"cannot write {args.output}: the folder {target.parent} does not exist")
+    if target.suffix.lower() not in Image.registered_extensions():
+        raise CommandError(f"cannot write {args.output}: name the picture with an image extension such as .png")
     record = shapes_split("test", 1, seed=args.seed, start=args.index)[0]
     try:
         record["image"].save(args.output)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import CommandError
+from .common import count, number
 
 __all__ = ["register"]
 
@@ -17,14 +17,14 @@ __all__ = ["register"]
 # option -> (ShapesDemoSettings field, type, help); defaults come from ShapesDemoSettings, read at run time so
 # that building the `dynrefer` parser does not import torch.
 _SETTING_OPTIONS = {
-    "--train-images": ("num_train_images", int, "training scenes"),
-    "--test-images": ("num_test_images", int, "test scenes"),
-    "--epochs": ("epochs", float, "passes over the training scenes"),
-    "--max-minutes": ("max_train_minutes", float, "stop training after this many minutes"),
-    "--batch-images": ("batch_images", int, "scenes per optimizer step (with all their regions)"),
-    "--learning-rate": ("learning_rate", float, "AdamW peak learning rate"),
-    "--seed": ("seed", int, "initialisation and sampling seed"),
-    "--data-seed": ("data_seed", int, "scene generator seed"),
+    "--train-images": ("num_train_images", count(1), "INT", "training scenes"),
+    "--test-images": ("num_test_images", count(1), "INT", "test scenes"),
+    "--epochs": ("epochs", number(0.0, low_open=True), "FLOAT", "passes over the training scenes"),
+    "--max-minutes": ("max_train_minutes", number(0.0, low_open=True), "FLOAT", "stop training after this many minutes"),
+    "--batch-images": ("batch_images", count(1), "INT", "scenes per optimizer step (with all their regions)"),
+    "--learning-rate": ("learning_rate", number(0.0, low_open=True), "FLOAT", "AdamW peak learning rate"),
+    "--seed": ("seed", count(0), "INT", "initialisation and sampling seed"),
+    "--data-seed": ("data_seed", count(0), "INT", "scene generator seed"),
 }
 
 
@@ -41,10 +41,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--output-dir", default="shapes-demo", help="where to save the model (default: %(default)s)"
     )
-    for option, (name, kind, text) in _SETTING_OPTIONS.items():
-        parser.add_argument(
-            option, dest=name, type=kind, default=None, metavar=kind.__name__.upper(), help=text
-        )
+    for option, (name, kind, metavar, text) in _SETTING_OPTIONS.items():
+        parser.add_argument(option, dest=name, type=kind, default=None, metavar=metavar, help=text)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -54,13 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     given = {
         name: getattr(args, name)
-        for name, _, _ in _SETTING_OPTIONS.values()
+        for name, _, _, _ in _SETTING_OPTIONS.values()
         if getattr(args, name) is not None
     }
-    for option, (name, _, _) in _SETTING_OPTIONS.items():
-        value = given.get(name)
-        if value is not None and value <= 0 and name not in ("seed", "data_seed"):
-            raise CommandError(f"{option} must be positive, got {value}")
     settings = ShapesDemoSettings(**given)
     evaluation = train_shapes_demo(args.output_dir, settings, show_progress=not args.quiet)
     scores = evaluation.percentages()

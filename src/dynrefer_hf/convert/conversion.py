@@ -42,6 +42,7 @@ __all__ = [
     "build_text_encoder",
     "compute_text_tables",
     "convert_checkpoints",
+    "load_upstream_state_dict",
     "model_weight_inventory",
     "released_config",
     "save_converted",
@@ -341,6 +342,41 @@ def _meta_model(config):
 
     with torch.device("meta"):
         return DynReferForRegionCaptioning(config)
+
+
+def load_upstream_state_dict(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True
+) -> MappedWeights:
+    """Load an upstream `DynReferT5` state dict (upstream key names) into `model`, checking it first.
+
+    Keys are renamed by [`map_upstream_state_dict`] (unknown keys raise `UnknownKeysError`). The T5
+    embedding aliases (`t5_model.{encoder,decoder}.embed_tokens.weight`) are not dropped blindly: each
+    must equal the shared embedding, the state dict's own `t5_model.shared.weight` or else the model's
+    (`ValueError` otherwise: the checkpoint was trained with other Flan-T5 weights). Shapes must match,
+    and with `strict=True` every parameter and persistent buffer of the model must be filled
+    (`ConversionError` lists the missing, unexpected and misshaped keys). `strict=False` loads any subset,
+    e.g. the released checkpoints' trained part onto a model holding the frozen parts.
+
+    Returns the mapping (target tensors, dropped keys and why, sources of every target).
+    """
+    mapped = map_upstream_state_dict(state_dict, num_vision_layers=model.config.vision_config.num_hidden_layers)
+    problems = _inventory_problems(
+        mapped.tensors,
+        model_weight_inventory(model),
+        {target: ", ".join(keys) for target, keys in mapped.sources.items()},
+    )
+    if not strict:
+        problems.pop("missing (no source fills them)")
+    if any(problems.values()):
+        raise ConversionError(problems)
+    shared = mapped.tensors.get(SHARED_EMBEDDING)
+    if shared is None:
+        shared = model.get_parameter(SHARED_EMBEDDING).detach()
+    for key, reason in mapped.dropped.items():
+        if reason == DROP_T5_ALIAS:
+            check_alias_equal(key, state_dict[key], SHARED_EMBEDDING, shared)
+    model.load_state_dict(mapped.tensors, strict=False)
+    return mapped
 
 
 def convert_checkpoints(

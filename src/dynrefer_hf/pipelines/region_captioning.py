@@ -15,6 +15,8 @@ share its chunk (see ``RegionCaptioningPipeline``).
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 import urllib.error
 import urllib.request
@@ -25,12 +27,23 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
+from transformers import GenerationMixin
 from transformers.pipelines.base import ChunkPipeline
 from transformers.utils import logging
 
 from ..image_processing_dynrefer import to_rgb_array
 from ..pretrained import SHAPES_DEMO_PATH
+from ..validation import (
+    DEFAULT_DOWNLOAD_TIMEOUT,
+    binary_masks,
+    check_bool,
+    check_count,
+    check_number,
+    check_probability,
+    check_top_k,
+)
 from ..views import mask_to_box
 
 __all__ = [
@@ -53,51 +66,83 @@ TASK = "region-captioning"
 # Upstream describes regions in chunks of 20 (`split_size`, docs/upstream/model.md §16).
 DEFAULT_REGION_BATCH_SIZE = 20
 
+# The keyword arguments of `generate` itself (logits_processor, streamer, ...), besides GenerationConfig fields.
+_GENERATE_ARGUMENTS = frozenset(inspect.signature(GenerationMixin.generate).parameters) - {"self", "kwargs"}
+
 # Marks a parameter the caller did not pass (where `None` is a meaningful value).
 _NOT_GIVEN = object()
 # Marks the end of a prefetched iterator.
 _END = object()
 
+# A notice logged when the embedded demonstration model is loaded (the `dynrefer` command prints it itself).
+DEMO_MODEL_NOTICE = (
+    "using the demonstration model shipped with dynrefer_hf, trained on synthetic shapes scenes, not the "
+    "paper's model: its captions describe coloured shapes only; docs/converting.md says how to get the "
+    "released DynRefer weights"
+)
+
+logger = logging.get_logger(__name__)
+
 ImageInput = str | os.PathLike | PIL.Image.Image | np.ndarray
 
 
-def load_rgb_image(image: ImageInput, timeout: float | None = None) -> PIL.Image.Image:
+def load_rgb_image(
+    image: ImageInput, timeout: float | None = DEFAULT_DOWNLOAD_TIMEOUT, exif_orientation: bool = True
+) -> PIL.Image.Image:
     """An RGB PIL image from a local path, an ``http(s)`` URL, a PIL image or a NumPy array.
 
-    NumPy arrays are ``uint8`` ``[H, W]`` (grey) or ``[H, W, 1|3|4]``. EXIF orientation is not applied,
-    as upstream opens images with ``Image.open(path).convert("RGB")``.
+    NumPy arrays are ``uint8`` or ``uint16`` ``[H, W]`` (grey) or ``[H, W, 1|3|4]``; 16-bit images are
+    rescaled to 8 bits, 32-bit and float images refused (``image_processing_dynrefer.to_rgb_array``).
+
+    Args:
+        timeout: seconds a download may wait for the server (connect and each read); ``None`` waits forever.
+        exif_orientation: for files and downloads, turn the image as its EXIF orientation tag says, as
+            photo viewers and annotation tools show it (default). ``False`` keeps the stored pixel order,
+            as upstream's ``Image.open(path).convert("RGB")`` does. PIL images and arrays are used as given.
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: a file or download that is not a readable image, or an array of the wrong shape.
+        ValueError: a file or download that is not a readable image (truncated, not an image, larger than
+            PIL's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS``), a download that failed or timed
+            out, a 32-bit/float image, or an array of the wrong shape.
+        TypeError: anything else than a path, URL, PIL image or array.
     """
-    if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
+    if isinstance(image, (PIL.Image.Image, np.ndarray)):
         return PIL.Image.fromarray(to_rgb_array(image))
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(
             f"an image must be a path, a URL, a PIL image or a NumPy array, got {type(image).__name__}"
         )
+    check_number("timeout", timeout, 0.0, low_open=True, allow_none=True)
     source = os.fspath(image)
     if source.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(source, timeout=timeout) as response:
                 content = response.read()
-        except (urllib.error.URLError, TimeoutError) as error:
-            raise ValueError(f"could not download the image {source}: {error}") from error
-        return _open_image(BytesIO(content), source)
+        except (urllib.error.URLError, OSError) as error:  # TimeoutError and socket errors are OSErrors
+            raise ValueError(
+                f"could not download the image {source}: {getattr(error, 'reason', error)} (timeout {timeout} s)"
+            ) from error
+        return _open_image(BytesIO(content), source, exif_orientation)
+    if os.path.isdir(source):
+        raise ValueError(f"{source} is a folder, not an image file")
     if not os.path.isfile(source):
         raise FileNotFoundError(f"image file not found: {source}")
-    return _open_image(source, source)
+    return _open_image(source, source, exif_orientation)
 
 
-def _open_image(file, name: str) -> PIL.Image.Image:
+def _open_image(file, name: str, exif_orientation: bool) -> PIL.Image.Image:
     try:
         with PIL.Image.open(file) as opened:
-            return opened.convert("RGB")
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{name} is not a readable image ({error})") from error
+            opened.load()
+            turned = PIL.ImageOps.exif_transpose(opened) if exif_orientation else opened
+            return PIL.Image.fromarray(to_rgb_array(turned))
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(
+            f"{name} is not a readable image: {error} (raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file)"
+        ) from None
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, EOFError) as error:
+        raise ValueError(f"{name} is not a readable image ({error})") from None
 
 
 def _prefetched(items: Iterator[Any]) -> Iterator[Any]:
@@ -126,15 +171,20 @@ def _region_controls(controls, num_regions: int) -> list | None:
     """
     if controls is None:
         return None
+    if not isinstance(controls, (str, list, tuple)):
+        raise TypeError(
+            "controls must be a comma-separated string, a list of words, or one of those per region, "
+            f"got {type(controls).__name__}"
+        )
     if isinstance(controls, str) or all(isinstance(words, str) for words in controls):
         return [controls] * num_regions
     if len(controls) != num_regions:
         raise ValueError(f"controls has {len(controls)} entries but the image has {num_regions} regions")
     for words in controls:
-        if words is not None and not isinstance(words, (str, list, tuple)):
-            raise TypeError(
-                f"the controls of a region must be a string or a list of words, got {type(words).__name__}"
-            )
+        if words is not None and (
+            not isinstance(words, (str, list, tuple)) or not all(isinstance(word, str) for word in words)
+        ):
+            raise TypeError(f"the controls of a region must be a string or a list of words, got {words!r}")
     return [words or [] for words in controls]
 
 
@@ -154,15 +204,15 @@ def _as_boxes(boxes) -> np.ndarray:
 
 
 def _as_masks(masks) -> np.ndarray:
-    """``masks`` as a boolean array [N, H, W]."""
-    array = np.asarray(masks.cpu() if isinstance(masks, torch.Tensor) else masks)
+    """``masks`` as a boolean array [N, H, W] (binary masks only: ``validation.binary_masks``)."""
+    array = binary_masks(masks)
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
         raise ValueError(f"masks must be [N, H, W], got an array of shape {list(array.shape)}")
     if len(array) == 0:
         raise ValueError("masks is empty: give at least one region")
-    return array.astype(bool)
+    return array
 
 
 def register_pipeline() -> None:
@@ -183,13 +233,23 @@ def register_pipeline() -> None:
     )
 
 
+def _is_demo_model(name_or_path: str | os.PathLike | None) -> bool:
+    """Whether ``name_or_path`` is the demonstration model shipped in the package."""
+    return bool(name_or_path) and os.path.realpath(os.fspath(name_or_path)) == os.path.realpath(
+        SHAPES_DEMO_PATH
+    )
+
+
 def _count_regions(item: Mapping[str, Any]) -> int:
     """How many regions an input dict holds (a single box [4] or mask [H, W] counts as one)."""
-    if "boxes" in item:
-        shape = np.shape(item["boxes"])
-        return 1 if len(shape) == 1 else shape[0]
-    shape = np.shape(item["masks"])
-    return 1 if len(shape) == 2 else shape[0]
+    try:
+        if "boxes" in item:
+            shape = np.shape(item["boxes"])
+            return 1 if len(shape) == 1 else shape[0]
+        shape = np.shape(item["masks"])
+        return 1 if len(shape) == 2 else shape[0]
+    except (ValueError, IndexError):  # malformed regions: `preprocess` names the problem
+        return 1
 
 
 def _masks_to_boxes(masks: np.ndarray) -> np.ndarray:
@@ -227,6 +287,11 @@ class RegionCaptioningPipeline(ChunkPipeline):
         tag_threshold: probability above which a tag is predicted (default: the model's).
         attribute_top_k: how many attributes to return per region (default 5, ``None`` for all).
         return_views: add each region's selected views (``"views"``: ratios, crop and view boxes).
+        timeout: seconds an image download may wait for the server (default 30, ``None``: forever).
+        exif_orientation: turn image files and downloads as their EXIF orientation tag says (default
+            ``True``, as photo viewers do); ``False`` for upstream's stored pixel order.
+        allow_missing_weights (``pipeline(...)`` argument): use a checkpoint that lacks some of the model's tensors
+            (they would be random); refused by default, naming them.
         progress_bar: ``True``/``False``, or ``None`` (default) for a bar on a terminal when the
             call needs more than one forward pass.
         generate_kwargs, max_new_tokens, num_beams, ...: generation parameters.
@@ -247,20 +312,50 @@ class RegionCaptioningPipeline(ChunkPipeline):
     _load_tokenizer = True
     _pipeline_calls_generate = True
 
+    def __init__(self, *args, allow_missing_weights: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        missing = list(getattr(self.model, "missing_weights", None) or [])
+        if missing and not check_bool("allow_missing_weights", allow_missing_weights):
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ValueError(
+                f"the checkpoint {self.model.name_or_path} lacks {len(missing)} of the model's tensors, which would "
+                f"be random: {shown}; pass allow_missing_weights=True to use it anyway"
+            )
+        if _is_demo_model(self.model.name_or_path):
+            logger.warning(DEMO_MODEL_NOTICE)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the model, its tokenizer and its image processor into ``save_directory``, from which
+        ``pipeline("region-captioning", model=save_directory)`` loads the same pipeline back.
+
+        Unlike ``Pipeline.save_pretrained`` no pipeline code is copied and no ``custom_pipelines`` entry is
+        written: the task is part of this package, registered by ``import dynrefer_hf``, so the folder
+        loads without ``trust_remote_code``. ``push_to_hub`` saves through this method too. Keyword
+        arguments go to every ``save_pretrained`` (e.g. ``max_shard_size``).
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory must be a folder, but {save_directory} is a file")
+        os.makedirs(save_directory, exist_ok=True)
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.tokenizer.save_pretrained(save_directory, **kwargs)
+        self.image_processor.save_pretrained(save_directory, **kwargs)
+
     def __call__(self, images, boxes=None, masks=None, controls=None, batch_size=None, **kwargs):
         """Describe the regions of one image (returns a list of region results) or of a list of images
         (returns one such list per image). See the class docstring for the arguments."""
         region_batch_size = (
             batch_size if batch_size is not None else self._batch_size or DEFAULT_REGION_BATCH_SIZE
         )
-        if not isinstance(region_batch_size, int) or region_batch_size < 1:
-            raise ValueError(f"batch_size must be a positive number of regions, got {region_batch_size!r}")
+        region_batch_size = check_count("batch_size", region_batch_size)
+        if isinstance(images, (list, tuple)) and len(images) == 0:
+            raise ValueError("images is empty: give at least one image")
         inputs = self._gather_inputs(images, boxes, masks, controls)
         items = inputs if isinstance(inputs, list) else [inputs] if isinstance(inputs, dict) else None
         progress = None
         if items is not None:
             num_regions = sum(_count_regions(item) for item in items)
-            progress = self._progress_bar(kwargs.pop("progress_bar", None), num_regions, region_batch_size)
+            progress_bar = check_bool("progress_bar", kwargs.pop("progress_bar", None), allow_none=True)
+            progress = self._progress_bar(progress_bar, num_regions, region_batch_size)
         elif kwargs.pop("progress_bar", None):
             raise ValueError(
                 "progress_bar needs a single image or a list of images, not a dataset or generator"
@@ -297,6 +392,8 @@ class RegionCaptioningPipeline(ChunkPipeline):
             return packed
 
         if isinstance(images, (list, tuple)):
+            if regions is not None and not hasattr(regions, "__len__"):
+                raise TypeError(f"{regions_key} must hold one entry per image, got {type(regions).__name__}")
             if regions is not None and len(regions) != len(images):
                 raise ValueError(
                     f"{regions_key} must hold one entry per image: got {len(regions)} for {len(images)} images"
@@ -304,6 +401,11 @@ class RegionCaptioningPipeline(ChunkPipeline):
             return [pack(item, None if regions is None else regions[i]) for i, item in enumerate(images)]
         if isinstance(images, (Mapping, str, os.PathLike, PIL.Image.Image, np.ndarray)):
             return pack(images, regions)
+        if images is None or isinstance(images, (int, float, bytes)) or not hasattr(images, "__iter__"):
+            raise TypeError(
+                "images must be an image (a path, URL, PIL image or array), a list of them, or a dataset of input "
+                f"dicts, got {type(images).__name__}"
+            )
         if regions is not None:
             raise ValueError("boxes/masks can only be given with an image or a list of images")
         return images  # a dataset or generator of input dicts, handled lazily by `preprocess`
@@ -331,18 +433,30 @@ class RegionCaptioningPipeline(ChunkPipeline):
         generate_kwargs=None,
         attribute_top_k=_NOT_GIVEN,
         return_views=None,
+        exif_orientation=None,
         **kwargs,
     ):
+        # Every parameter is checked here, before any image is loaded or any region run.
         preprocess_params = {}
         if region_batch_size is not None:
-            preprocess_params["region_batch_size"] = region_batch_size
+            preprocess_params["region_batch_size"] = check_count("batch_size", region_batch_size)
+        if view_selection is not None or task is not None:
+            processor = self.image_processor
+            processor._check_selection(
+                processor.view_selection if view_selection is None else view_selection,
+                processor.task if task is None else task,
+            )
         image_processor_kwargs = {"view_selection": view_selection, "task": task}
         preprocess_params["image_processor_kwargs"] = {
             k: v for k, v in image_processor_kwargs.items() if v is not None
         }
         if timeout is not None:
-            preprocess_params["timeout"] = timeout
+            preprocess_params["timeout"] = check_number("timeout", timeout, 0.0, low_open=True)
+        if exif_orientation is not None:
+            preprocess_params["exif_orientation"] = check_bool("exif_orientation", exif_orientation)
 
+        if generate_kwargs is not None and not isinstance(generate_kwargs, Mapping):
+            raise TypeError(f"generate_kwargs must be a dict, got {type(generate_kwargs).__name__}")
         generate_kwargs = dict(generate_kwargs or {})
         for name, value in kwargs.items():
             if name in generate_kwargs:
@@ -350,28 +464,61 @@ class RegionCaptioningPipeline(ChunkPipeline):
                     f"'{name}' is given twice, in generate_kwargs and as a parameter: use only one"
                 )
             generate_kwargs[name] = value
+        self._check_generate_kwargs(generate_kwargs)
         forward_params = {"progress": progress}
         if generate_kwargs:
             forward_params["generate_kwargs"] = generate_kwargs
         if tag_threshold is not None:
-            forward_params["tag_threshold"] = tag_threshold
+            forward_params["tag_threshold"] = check_probability("tag_threshold", tag_threshold)
 
         postprocess_params = {}
         if attribute_top_k is not _NOT_GIVEN:
-            postprocess_params["attribute_top_k"] = attribute_top_k
+            postprocess_params["attribute_top_k"] = check_top_k("attribute_top_k", attribute_top_k)
         if return_views is not None:
-            postprocess_params["return_views"] = return_views
+            postprocess_params["return_views"] = check_bool("return_views", return_views)
         return preprocess_params, forward_params, postprocess_params
+
+    def _check_generate_kwargs(self, generate_kwargs: dict[str, Any]) -> None:
+        """Refuse unknown or out-of-range generation parameters before any work (``GenerationConfig.validate``)."""
+        if generate_kwargs.get("num_return_sequences", 1) != 1:
+            raise ValueError(
+                "num_return_sequences must be 1: the pipeline returns one caption per region, got "
+                f"{generate_kwargs['num_return_sequences']!r}"
+            )
+        for name in ("max_new_tokens", "num_beams", "max_length", "min_new_tokens", "top_k"):
+            if generate_kwargs.get(name) is not None:
+                check_count(
+                    name, generate_kwargs[name], minimum=0 if name in ("min_new_tokens", "top_k") else 1
+                )
+        for name in ("temperature", "repetition_penalty"):
+            if generate_kwargs.get(name) is not None:
+                check_number(name, generate_kwargs[name], 0.0, low_open=True)
+        if generate_kwargs.get("top_p") is not None:
+            check_number("top_p", generate_kwargs["top_p"], 0.0, 1.0, low_open=True)
+        config = copy.deepcopy(self.model.generation_config)
+        unknown = set(config.update(**generate_kwargs)) - _GENERATE_ARGUMENTS
+        if unknown:
+            raise TypeError(
+                f"unknown parameter(s) {sorted(unknown)}: the pipeline takes the arguments of its class "
+                "docstring and generation parameters (transformers.GenerationConfig)"
+            )
+        try:
+            config.validate()
+        except ValueError as error:
+            raise ValueError(f"invalid generation parameters: {error}") from None
 
     def preprocess(
         self,
         inputs: Mapping[str, Any],
         region_batch_size: int = DEFAULT_REGION_BATCH_SIZE,
         image_processor_kwargs: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_DOWNLOAD_TIMEOUT,
+        exif_orientation: bool = True,
     ) -> Iterable[dict[str, Any]]:
         """The chunks of ``region_batch_size`` regions, the next one prepared while the model runs on the current one."""
-        return _prefetched(self._chunks(inputs, region_batch_size, image_processor_kwargs, timeout))
+        return _prefetched(
+            self._chunks(inputs, region_batch_size, image_processor_kwargs, timeout, exif_orientation)
+        )
 
     def _chunks(
         self,
@@ -379,10 +526,11 @@ class RegionCaptioningPipeline(ChunkPipeline):
         region_batch_size: int,
         image_processor_kwargs: Mapping[str, Any] | None,
         timeout: float | None,
+        exif_orientation: bool,
     ) -> Iterator[dict[str, Any]]:
         if not isinstance(inputs, Mapping) or "image" not in inputs:
             raise ValueError("each input must be an image or a dict with 'image' and 'boxes' or 'masks'")
-        image = load_rgb_image(inputs["image"], timeout=timeout)
+        image = load_rgb_image(inputs["image"], timeout=timeout, exif_orientation=exif_orientation)
         if inputs.get("boxes") is not None:
             boxes = _as_boxes(inputs["boxes"])
         elif inputs.get("masks") is not None:

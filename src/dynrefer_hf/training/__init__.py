@@ -1,5 +1,6 @@
 """Training DynRefer with the Hugging Face ``Trainer``: the collators, the trainer and LoRA on the language model."""
 
+from .checkpoints import CheckpointCompletionCallback, last_complete_checkpoint
 from .collator import RegionTrainingCollator, sample_control_words
 from .lora import (
     UPSTREAM_LORA_TARGETS,
@@ -17,6 +18,7 @@ __all__ = [
     "UPSTREAM_LORA_TARGETS",
     "CaptionEmbeddingCollator",
     "CaptionEmbeddingTrainer",
+    "CheckpointCompletionCallback",
     "OneRegionPerSample",
     "RegionTrainer",
     "RegionTrainingCollator",
@@ -24,6 +26,7 @@ __all__ = [
     "attribute_groups",
     "bag_of_words_embeddings",
     "language_model_lora_config",
+    "last_complete_checkpoint",
     "merge_language_model_lora",
     "sample_control_words",
 ]

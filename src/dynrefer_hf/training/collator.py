@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +47,10 @@ class RegionTrainingCollator:
         view_selection: passed to the image processor (``"random"``, ``"image_prior"``, ``"task"`` or t values).
         task: the task prior for ``view_selection="task"``.
         use_controls: give tag words as control prompts (upstream); ``False`` gives every region the empty prompt.
-        seed: seeds view and control-word sampling, so a run is reproducible.
+        seed: seeds view and control-word sampling, so a run is reproducible. Batch ``n`` (counted from 0)
+            draws from ``random.Random(f"{seed}:{n}")``, so a resumed run draws what an uninterrupted one would
+            once ``batch_index`` is set to the number of batches already trained on (`RegionTrainer` does that;
+            one collator per process, dataloader workers not supported for exact resumption).
     """
 
     processor: object
@@ -56,10 +59,9 @@ class RegionTrainingCollator:
     task: str | None = None
     use_controls: bool = True
     seed: int = 0
-    _rng: random.Random = field(init=False, repr=False)
+    batch_index: int = 0
 
     def __post_init__(self) -> None:
-        self._rng = random.Random(self.seed)
         self._tag_index = {tag: index for index, tag in enumerate(self.vocabulary.tags)}
 
     def __call__(self, records: Sequence[Mapping]) -> dict[str, torch.Tensor]:
@@ -68,10 +70,12 @@ class RegionTrainingCollator:
         records = [record for record in records if len(record["boxes"]) > 0]
         if not records:
             raise ValueError("none of the records in this batch has a region")
+        rng = random.Random(f"{self.seed}:{self.batch_index}")  # str seeds hash the same in every process
+        self.batch_index += 1
         captions = [caption for record in records for caption in record["captions"]]
         region_tags = [tags for record in records for tags in record["tags"]]
         controls = [
-            sample_control_words(tags, self._rng) if self.use_controls else [] for tags in region_tags
+            sample_control_words(tags, rng) if self.use_controls else [] for tags in region_tags
         ]
         batch = self.processor(
             images=[record["image"] for record in records],
@@ -80,7 +84,7 @@ class RegionTrainingCollator:
             controls=controls,
             view_selection=self.view_selection,
             task=self.task,
-            seed=self._rng.randrange(2**32),
+            seed=rng.randrange(2**32),
         )
         batch = dict(batch)
         for key in ("view_ratios", "crop_boxes", "region_image_index"):

@@ -10,6 +10,7 @@ encoder is available (the offline demonstration model, docs/demo_model.md).
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections import defaultdict
@@ -26,6 +27,7 @@ from ..modeling_dynrefer import (
     attribute_label_loss,
     class_label_loss,
 )
+from .checkpoints import CheckpointCompletionCallback, is_complete_checkpoint, last_complete_checkpoint
 
 __all__ = [
     "ATTRIBUTE_LOSSES",
@@ -116,6 +118,7 @@ class RegionTrainer(Trainer):
     def __init__(self, *args, probe_loss_weight: float = 0.0, **kwargs):
         moved = {name: kwargs.pop(name) for name in list(kwargs) if name in _CONFIG_ARGUMENTS}
         super().__init__(*args, **kwargs)
+        self.add_callback(CheckpointCompletionCallback())
         config = self.model.config
         for name, value in moved.items():
             warnings.warn(
@@ -192,6 +195,34 @@ class RegionTrainer(Trainer):
         for name, value in parts.items():
             self._loss_parts[name].append(float(value.detach()))
         return (loss, outputs) if return_outputs else loss
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, resuming only from complete checkpoints: ``resume_from_checkpoint=True`` takes the
+        last complete one of ``output_dir`` (a folder half-written by a killed run is skipped), and a folder
+        without the completion marker is refused (`training.checkpoints`)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True: {self.args.output_dir} holds no complete checkpoint")
+        elif resume_from_checkpoint and not is_complete_checkpoint(resume_from_checkpoint):
+            last = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
+            raise ValueError(
+                f"{resume_from_checkpoint} is not a complete checkpoint (its saving did not finish, or it was not "
+                f"written by RegionTrainer); the last complete one beside it: {last}"
+            )
+        # Point the collator's sampler at the first batch not yet trained on: a resumed run then draws the
+        # views and control words an uninterrupted one would (skipped batches are not collated again).
+        collator = self.data_collator
+        while collator is not None and not hasattr(collator, "batch_index"):
+            collator = getattr(collator, "collator", None)  # wrappers keep the sampling collator as `.collator`
+        if collator is not None:
+            collator.batch_index = 0
+            if resume_from_checkpoint:
+                with open(os.path.join(resume_from_checkpoint, "trainer_state.json"), encoding="utf-8") as file:
+                    trained_steps = json.load(file)["global_step"]
+                collator.batch_index = trained_steps * self.args.gradient_accumulation_steps
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._loss_parts:
