@@ -11,7 +11,15 @@ from __future__ import annotations
 import json
 import os
 
-from .common import LAYOUTS, AnnotationError, build_region_dataset, check_box, file_signature, loader_features
+from .common import (
+    LAYOUTS,
+    AnnotationError,
+    build_region_dataset,
+    check_box,
+    file_signature,
+    loader_features,
+    records_by_layout,
+)
 from .schema import RegionVocabulary
 from .upstream import read_annotation_file
 
@@ -62,18 +70,7 @@ def _coco_records(path, size, mtime_ns, images, layout):  # size, mtime_ns: cach
                     )
                 label = class_index[annotation["category_id"]]
             regions.append((annotation["id"], box, caption, tags, label))
-        groups = [regions] if layout == "image" else [[region] for region in regions]
-        for group in groups:
-            yield {
-                "image_id": image["id"],
-                "image": image_path,
-                "boxes": [r[1] for r in group],
-                "captions": [r[2] for r in group],
-                "tags": [r[3] for r in group],
-                "attributes": [[] for _ in group],
-                "classes": [r[4] for r in group],
-                "annotation_ids": [r[0] for r in group],
-            }
+        yield from records_by_layout(image["id"], image_path, regions, layout)
 
 
 def load_coco_detection(

@@ -17,6 +17,7 @@ __all__ = [
     "build_region_dataset",
     "check_box",
     "loader_features",
+    "records_by_layout",
 ]
 
 # "image": one record per image with all of its regions (evaluation); "region": one record per region
@@ -83,3 +84,22 @@ def build_region_dataset(
         if cause is not None:
             raise cause from None
         raise
+
+
+def records_by_layout(image_id: int, image_path: str, regions: list[tuple], layout: str):
+    """Region records of one image: one with every region (``layout="image"``) or one per region.
+
+    ``regions`` holds ``(annotation_id, box, caption, tags, class_index)`` tuples; attributes stay empty.
+    """
+    groups = [regions] if layout == "image" else [[region] for region in regions]
+    for group in groups:
+        yield {
+            "image_id": image_id,
+            "image": image_path,
+            "boxes": [r[1] for r in group],
+            "captions": [r[2] for r in group],
+            "tags": [r[3] for r in group],
+            "attributes": [[] for _ in group],
+            "classes": [r[4] for r in group],
+            "annotation_ids": [r[0] for r in group],
+        }

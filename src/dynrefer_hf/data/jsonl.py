@@ -18,7 +18,15 @@ import os
 
 import PIL.Image
 
-from .common import LAYOUTS, AnnotationError, build_region_dataset, check_box, file_signature, loader_features
+from .common import (
+    LAYOUTS,
+    AnnotationError,
+    build_region_dataset,
+    check_box,
+    file_signature,
+    loader_features,
+    records_by_layout,
+)
 from .schema import RegionVocabulary
 
 __all__ = ["load_jsonl_regions"]
@@ -90,18 +98,7 @@ def _jsonl_records(path, size, mtime_ns, images, layout, class_names):  # size, 
         if not isinstance(image_id, int):
             raise AnnotationError(path, record, "image_id", "must be an integer")
         regions = list(zip(ids, boxes, captions, tags, [-1 if n is None else class_index[n] for n in names]))
-        groups = [regions] if layout == "image" else [[region] for region in regions]
-        for group in groups:
-            yield {
-                "image_id": image_id,
-                "image": image_path,
-                "boxes": [r[1] for r in group],
-                "captions": [r[2] for r in group],
-                "tags": [r[3] for r in group],
-                "attributes": [[] for _ in group],
-                "classes": [r[4] for r in group],
-                "annotation_ids": [r[0] for r in group],
-            }
+        yield from records_by_layout(image_id, image_path, regions, layout)
 
 
 def load_jsonl_regions(
