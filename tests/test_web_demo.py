@@ -249,7 +249,7 @@ def test_drawn_boxes_are_described_as_the_pipeline_describes_them(page, describe
     np.testing.assert_allclose(boxes, targets, atol=2)  # screen pixels map back to picture pixels
 
     page.click("#dr-describe")
-    page.wait_for_function(f"document.querySelectorAll('{TABLE_ROWS}').length === 2", timeout=60_000)
+    page.wait_for_function(f"document.querySelectorAll('{TABLE_ROWS}').length === 2", timeout=180_000)
     rows = page.eval_on_selector_all(
         TABLE_ROWS, "rows => rows.map(r => [...r.querySelectorAll('td')].map(td => td.innerText.trim()))"
     )
@@ -272,12 +272,15 @@ def test_control_words_explicit_views_and_the_views_picture(page, describe):
     )
     page.get_by_label("explicit t").check()
     page.get_by_label("Show the views").check()
+    # the t sliders appear after the server answers the mode change
+    expected_sliders = describe.image_processor.num_views - 1
+    page.wait_for_function(f"document.querySelectorAll('input[type=range]').length === {expected_sliders}")
     ratios = [
         float(value) for value in page.eval_on_selector_all("input[type=range]", "s => s.map(i => i.value)")
     ]
     assert len(ratios) == describe.image_processor.num_views - 1
     page.click("#dr-describe")
-    page.locator("#dr-views img").wait_for(timeout=60_000)
+    page.locator("#dr-views img").wait_for(timeout=180_000)
     rows = page.eval_on_selector_all(
         TABLE_ROWS, "rows => rows.map(r => r.querySelectorAll('td')[2].innerText.trim())"
     )

@@ -1,19 +1,34 @@
-"""Running a model over a region dataset and scoring it; the paper's benchmark protocols (``dynrefer eval``)."""
+"""Running a model over a region dataset and scoring it; the paper's benchmark protocols (``dynrefer eval``).
 
-from .benchmark import BenchmarkRun, rescore_result_file, run_benchmark
-from .protocols import BENCHMARK_TASKS, BenchmarkTask, ResultFileError, format_metrics_table, score_result
-from .regions import RegionEvaluation, evaluate_regions, predict_regions
+Names are imported on first use, so that ``dynrefer eval --help`` (which needs only `BENCHMARK_TASKS`) answers
+without importing torch and the metrics (docs/reliability.md, startup).
+"""
 
-__all__ = [
-    "BENCHMARK_TASKS",
-    "BenchmarkRun",
-    "BenchmarkTask",
-    "RegionEvaluation",
-    "ResultFileError",
-    "evaluate_regions",
-    "format_metrics_table",
-    "predict_regions",
-    "rescore_result_file",
-    "run_benchmark",
-    "score_result",
-]
+import importlib
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "BENCHMARK_TASKS": "tasks",
+    "BenchmarkTask": "tasks",
+    "BenchmarkRun": "benchmark",
+    "rescore_result_file": "benchmark",
+    "run_benchmark": "benchmark",
+    "ResultFileError": "protocols",
+    "format_metrics_table": "protocols",
+    "score_result": "protocols",
+    "RegionEvaluation": "regions",
+    "evaluate_regions": "regions",
+    "predict_regions": "regions",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

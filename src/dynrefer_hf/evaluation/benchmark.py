@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from ..data.upstream import load_upstream_annotations
-from .protocols import BENCHMARK_TASKS, format_metrics_table, score_result
+from .protocols import format_metrics_table, score_result
 from .regions import predict_regions
+from .tasks import BENCHMARK_TASKS
 
 __all__ = ["BenchmarkRun", "rescore_result_file", "run_benchmark"]
 
