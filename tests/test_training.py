@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tiny import make_tiny_config, make_tiny_tokenizer
 
-from dynrefer_hf.data import SHAPES_VOCABULARY, shapes_split
+from dynrefer_hf.data import CONTEXT_LABEL_SIZES, SHAPES_VOCABULARY, context_labels, shapes_split
 from dynrefer_hf.data.collator import RegionTrainingCollator, sample_control_words
 from dynrefer_hf.evaluation import evaluate_regions
 from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
@@ -93,6 +93,10 @@ def test_collator_builds_every_target(scenes):
         torch.testing.assert_close(batch[key], again[key])
     other = RegionTrainingCollator(_processor(), SHAPES_VOCABULARY, seed=4)(records)
     assert not torch.equal(batch["pixel_values"], other["pixel_values"])
+    assert "probe_labels" not in batch
+    with_context = RegionTrainingCollator(_processor(), SHAPES_VOCABULARY, seed=3, caption_labels=context_labels)
+    captions = [caption for record in records for caption in record["captions"]]
+    assert with_context(records)["probe_labels"].tolist() == [context_labels(c) for c in captions]
     with pytest.raises(ValueError, match="empty batch"):
         collator([])
 
@@ -167,6 +171,7 @@ def test_region_trainer_trains_and_logs_every_loss_part(scenes, tmp_path):
         probe_loss_weight=1.0,
     )
     probe_before = trainer.probe.weight.detach().clone()
+    assert trainer.probe.out_features == model.config.num_classes + model.config.num_attributes + model.config.num_tags
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2
@@ -176,6 +181,45 @@ def test_region_trainer_trains_and_logs_every_loss_part(scenes, tmp_path):
     assert not torch.equal(before, model.attr_fc.weight)
     assert not torch.equal(probe_before, trainer.probe.weight)  # the probe is optimised with the model
     assert not any(name.startswith("probe") for name in model.state_dict())  # and is not part of it
+
+
+def test_probe_label_sizes_add_one_cross_entropy_per_caption_label(tmp_path):
+    from transformers import TrainingArguments
+
+    model = _shapes_model()
+    arguments = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    trainer = RegionTrainer(
+        model=model, args=arguments, probe_loss_weight=1.0, probe_label_sizes=CONTEXT_LABEL_SIZES
+    )
+    config = model.config
+    own = config.num_classes + config.num_attributes + config.num_tags
+    assert trainer.probe.out_features == own + sum(CONTEXT_LABEL_SIZES)
+    regions = 4
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(regions, config.num_query_tokens, config.qformer_config.hidden_size, generator=generator)
+    nothing_else = torch.full((regions, config.num_attributes), -1)
+    no_class = torch.full((regions,), -1)
+    probe_labels = torch.tensor([[0, 2, 1], [3, 6, -1], [1, 0, 5], [-1, -1, -1]])
+    with torch.no_grad():
+        loss = trainer._probe_loss(queries, nothing_else, no_class, None, probe_labels)
+        extra = trainer.probe(queries.mean(dim=1))[:, own:].split(list(CONTEXT_LABEL_SIZES), dim=1)
+    expected = sum(
+        np.mean(
+            [
+                -torch.log_softmax(extra[column][row], 0)[label].item()
+                for row, label in enumerate(probe_labels[:, column].tolist())
+                if label >= 0
+            ]
+        )
+        for column in range(3)
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="probe_labels"):
+        trainer._probe_loss(queries, nothing_else, no_class, None, None)
+    with pytest.raises(ValueError, match="probe_loss_weight"):
+        RegionTrainer(model=model, args=arguments, probe_label_sizes=(4,))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        RegionTrainer(model=model, args=arguments, probe_loss_weight=1.0, probe_label_sizes=(1,))
 
 
 def test_evaluate_regions_scores_the_predictions(scenes):

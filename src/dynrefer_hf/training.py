@@ -152,7 +152,10 @@ class RegionTrainer(Trainer):
     above, binary cross-entropy). The label heads score labels through cross-attention to the region queries,
     a path whose gradient reaching the backbone is tiny at initialisation; the probe gives the backbone a
     direct signal, so the queries become informative and the heads can learn from them. The probe is trained
-    with the model but is not part of it (nothing of it is saved).
+    with the model but is not part of it (nothing of it is saved). ``probe_label_sizes`` adds to it one
+    cross-entropy per column of the batch's ``probe_labels [R, K]`` (`RegionTrainingCollator`'s
+    ``caption_labels``; column ``k`` has ``probe_label_sizes[k]`` classes, -1 ignored): targets that only
+    the captions carry, such as the words about a region's context.
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class RegionTrainer(Trainer):
         class_loss_weight: float = 1.0,
         attribute_loss: str = "bce",
         probe_loss_weight: float = 0.0,
+        probe_label_sizes: Sequence[int] = (),
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -171,10 +175,15 @@ class RegionTrainer(Trainer):
         self.attribute_loss_weight = attribute_loss_weight
         self.class_loss_weight = class_loss_weight
         self.probe_loss_weight = probe_loss_weight
+        self.probe_label_sizes = [int(size) for size in probe_label_sizes]
+        if self.probe_label_sizes and probe_loss_weight <= 0:
+            raise ValueError(f"probe_label_sizes {self.probe_label_sizes} need probe_loss_weight > 0")
+        if any(size < 2 for size in self.probe_label_sizes):
+            raise ValueError(f"every probe label needs at least 2 classes, got {self.probe_label_sizes}")
         self.probe = None
         if probe_loss_weight > 0:
             config = self.model.config
-            outputs = config.num_classes + config.num_attributes + config.num_tags
+            outputs = config.num_classes + config.num_attributes + config.num_tags + sum(self.probe_label_sizes)
             self.probe = torch.nn.Linear(config.qformer_config.hidden_size, outputs).to(self.model.device)
         self._loss_parts: dict[str, list[float]] = defaultdict(list)
 
@@ -188,13 +197,24 @@ class RegionTrainer(Trainer):
             optimizer.add_param_group({"params": list(self.probe.parameters()), "weight_decay": 0.0})
         return optimizer
 
-    def _probe_loss(self, region_queries, attribute_labels, class_labels, tag_labels) -> torch.Tensor:
+    def _probe_loss(
+        self, region_queries, attribute_labels, class_labels, tag_labels, probe_labels
+    ) -> torch.Tensor:
         config = self.model.config
         logits = self.probe(region_queries.mean(dim=1).float())
-        class_logits, attribute_logits, tag_logits = logits.split(
-            [config.num_classes, config.num_attributes, config.num_tags], dim=1
+        class_logits, attribute_logits, tag_logits, *extra_logits = logits.split(
+            [config.num_classes, config.num_attributes, config.num_tags, *self.probe_label_sizes], dim=1
         )
         loss = logits.sum() * 0.0
+        if extra_logits:
+            if probe_labels is None or probe_labels.shape[1] != len(extra_logits):
+                raise ValueError(
+                    f"probe_label_sizes {self.probe_label_sizes} need probe_labels [R, {len(extra_logits)}] "
+                    f"in every batch, got {None if probe_labels is None else list(probe_labels.shape)}"
+                )
+            for column, column_logits in enumerate(extra_logits):
+                if (probe_labels[:, column] != -1).any():
+                    loss = loss + F.cross_entropy(column_logits, probe_labels[:, column], ignore_index=-1)
         if (class_labels != -1).any():
             loss = loss + F.cross_entropy(class_logits, class_labels, ignore_index=-1)
         if self.attribute_loss == "group_softmax":
@@ -213,6 +233,7 @@ class RegionTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         attribute_labels = inputs.pop("attribute_labels", None)
         class_labels = inputs.pop("class_labels", None)
+        probe_labels = inputs.pop("probe_labels", None)
         outputs = model(**inputs)
         loss = outputs.loss
         parts = {"loss_llm": outputs.loss_llm, "loss_tag": outputs.loss_tag, "loss_att": outputs.loss_att}
@@ -224,7 +245,7 @@ class RegionTrainer(Trainer):
             extra = self.attribute_loss_weight * attribute_loss + self.class_loss_weight * class_loss
             if self.probe is not None:
                 parts["loss_probe"] = self._probe_loss(
-                    outputs.region_queries, attribute_labels, class_labels, inputs.get("tag_labels")
+                    outputs.region_queries, attribute_labels, class_labels, inputs.get("tag_labels"), probe_labels
                 )
                 extra = extra + self.probe_loss_weight * parts["loss_probe"]
             loss = extra if loss is None else loss + extra
