@@ -236,3 +236,25 @@ def test_evaluate_regions_scores_the_predictions(scenes):
     class_scores = np.array([prediction["class_scores"] for prediction in result.predictions])
     assert result.class_accuracy == pytest.approx(class_accuracy(class_scores, classes))
     assert set(result.percentages()) == {"cider_d", "attribute_map", "class_accuracy"}
+
+
+def test_sincos_position_embeddings_encode_rows_and_columns():
+    from dynrefer_hf.shapes_demo import sincos_position_embeddings
+
+    grid, width = 4, 16
+    table = sincos_position_embeddings(grid, width)
+    assert table.shape == (1 + grid * grid, width) and not table[0].any()  # the class token gets zeros
+    frequencies = 1.0 / 10000 ** (np.arange(width // 4) / (width // 4))
+    for row in range(grid):
+        for column in range(grid):
+            expected = np.concatenate(
+                [
+                    np.sin(row * frequencies),
+                    np.cos(row * frequencies),
+                    np.sin(column * frequencies),
+                    np.cos(column * frequencies),
+                ]
+            )
+            np.testing.assert_allclose(table[1 + row * grid + column].numpy(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_embeddings(grid, 18)

@@ -47,6 +47,7 @@ __all__ = [
     "calibrate_tag_threshold",
     "demo_scores",
     "evaluate_demo_model",
+    "sincos_position_embeddings",
     "train_demo_model",
     "train_shapes_demo",
 ]
@@ -62,7 +63,8 @@ class ShapesDemoSettings:
     The view settings are what the view ablation (benchmarks/ablation_views.py) varies: ``num_views``
     views of ``view_size`` pixels, trained with ``train_view_selection`` (``"random"`` = upstream's random
     t, or a list of fixed t for views 1..V-1) and evaluated with ``eval_view_selection`` / ``eval_task``.
-    ``context_probe`` adds the caption's context words (relation, neighbour colour and class) to the probe's
+    ``sincos_positions`` starts the ViT's (learnt) position embeddings from 2-D sine-cosine values
+    (`sincos_position_embeddings`) instead of small random ones. ``context_probe`` adds the caption's context words (relation, neighbour colour and class) to the probe's
     targets (`context_labels`); ``validation_steps > 0`` scores the model on the validation scenes every that
     many steps (`ValidationCurveCallback`).
     """
@@ -96,6 +98,7 @@ class ShapesDemoSettings:
     eval_batch_images: int = 8
     ci_subset_images: int = 16
     context_probe: bool = True
+    sincos_positions: bool = True
     validation_steps: int = 200
 
 
@@ -117,6 +120,24 @@ def build_demo_processor(
         task=settings.eval_task,
     )
     return DynReferProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def sincos_position_embeddings(grid: int, width: int) -> torch.Tensor:
+    """2-D sine-cosine position embeddings of a ``grid x grid`` patch grid, as MAE initialises its ViT
+    (He et al. 2022): ``[1 + grid * grid, width]``, a zero row for the class token, then the patches row by
+    row, the first half of the channels encoding the row and the second half the column (``width`` divisible
+    by 4, frequencies ``1 / 10000 ** (i / (width / 4))``).
+    """
+    if width % 4:
+        raise ValueError(f"width must be divisible by 4 for 2-D sine-cosine embeddings, got {width}")
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    rows, columns = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for position in (rows, columns):
+        angles = position.flatten()[:, None].double() * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    patches = torch.cat(parts, dim=1).float()
+    return torch.cat([torch.zeros(1, width), patches])
 
 
 def build_demo_model(tokenizer, settings: ShapesDemoSettings) -> DynReferForRegionCaptioning:
@@ -179,6 +200,13 @@ def build_demo_model(tokenizer, settings: ShapesDemoSettings) -> DynReferForRegi
         # T5's init draws the untied lm_head with std 1, giving logits of std ~sqrt(d_model) and a first loss
         # near 60; from scratch, std d_model**-0.5 starts near log(vocab) and trains faster.
         model.language_model.lm_head.weight.normal_(std=language_width**-0.5)
+        if settings.sincos_positions:
+            # From scratch, small random position embeddings carry no notion of "nearby": attention would have
+            # to learn the grid's geometry before it can relate a region to its neighbour.
+            grid = settings.view_size // settings.patch_size
+            model.vision_model.embeddings.position_embedding.copy_(
+                sincos_position_embeddings(grid, vision_width)[None]
+            )
         model.clip_embeds.copy_(bag_of_words_embeddings(config.tag_names, _EMBEDDING_WORDS))
         model.att_embeds.copy_(bag_of_words_embeddings(config.attribute_prompts, _EMBEDDING_WORDS))
         model.ov_embeds.copy_(bag_of_words_embeddings(config.class_prompts, _EMBEDDING_WORDS))
