@@ -16,9 +16,11 @@ from transformers import AutoModel, AutoProcessor
 import dynrefer_hf  # noqa: F401  (registers the Auto classes)
 from dynrefer_hf.evaluation import evaluate_regions
 from dynrefer_hf.pretrained import SHAPES_DEMO_PATH
-from dynrefer_hf.shapes import shapes_split
+from dynrefer_hf.shapes import caption_field_accuracy, shapes_split
 
 TOLERANCE = {"cider_d": 3.0, "attribute_map": 2.0, "class_accuracy": 2.5}
+# Per-word caption accuracy: a flipped beam choice changes one region, 1.1 points of the 91 regions.
+WORD_TOLERANCE = 3.5
 MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
 
 
@@ -68,8 +70,11 @@ def test_shipped_model_reaches_its_recorded_scores(shipped):
     )
     assert measured["class_accuracy"] > 80
     assert measured["attribute_map"] > positive_rate + 30
-    # The caption names the region's own colour, texture and shape ("large red striped circle ...").
-    references = [caption.split() for captions in subset["captions"] for caption in captions]
-    predicted = [prediction["caption"].split() for prediction in result.predictions]
-    own_words_right = [p[1:4] == r[1:4] for p, r in zip(predicted, references)]
-    assert np.mean(own_words_right) > 0.8
+    # Every word of the captions keeps its recorded accuracy; the region's own colour, texture and shape
+    # ("large red striped circle") are right. The context words ("left of a blue square") are not learnt
+    # yet (docs/demo_model.md), so only their recorded accuracy is checked.
+    references = [caption for captions in subset["captions"] for caption in captions]
+    words = caption_field_accuracy([prediction["caption"] for prediction in result.predictions], references)
+    for name, accuracy in words.items():
+        assert abs(100 * accuracy - recorded[f"word_{name}"]) <= WORD_TOLERANCE, (name, 100 * accuracy)
+    assert min(words["colour"], words["texture"], words["class"]) > 0.8

@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 
 from dynrefer_hf.data import region_features, validate_region_record
-from dynrefer_hf.shapes import SHAPES_VOCABULARY, build_shapes_dataset, shapes_split
+from dynrefer_hf.shapes import (
+    CAPTION_FIELDS,
+    CONTEXT_LABEL_SIZES,
+    SHAPES_VOCABULARY,
+    build_shapes_dataset,
+    caption_field_accuracy,
+    context_labels,
+    parse_caption,
+    shapes_split,
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +117,63 @@ def test_validate_region_record_names_the_problem(scenes):
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
             validate_region_record({**record, **change}, SHAPES_VOCABULARY)
+
+
+def test_parse_caption_reads_every_field_of_every_caption(scenes):
+    assert parse_caption("small red striped circle left of a blue square") == {
+        "size": "small",
+        "colour": "red",
+        "texture": "striped",
+        "class": "circle",
+        "relation": "left of",
+        "neighbour_colour": "blue",
+        "neighbour_class": "square",
+    }
+    assert parse_caption("  large  orange dotted star below an orange cross ")["relation"] == "below"
+    for caption in [caption for captions in scenes["captions"] for caption in captions]:
+        fields = parse_caption(caption)
+        words = caption.split()
+        assert [fields[name] for name in CAPTION_FIELDS[:4]] == words[:4]
+        assert (fields["neighbour_colour"], fields["neighbour_class"]) == tuple(words[-2:])
+        assert fields["relation"] == " ".join(words[4:-3])
+    for malformed in ("", "small red striped circle", "small red striped circle left of a blue", "huge red ..."):
+        assert parse_caption(malformed) is None
+
+
+def test_caption_field_accuracy_counts_each_word_and_malformed_captions_as_wrong():
+    references = [
+        "small red striped circle left of a blue square",
+        "large green solid star above a red cross",
+        "medium black dotted diamond below an orange triangle",
+        "small yellow checkered cross right of a purple circle",
+    ]
+    predictions = [
+        references[0],  # all right
+        "large green solid star below a red square",  # relation and neighbour class wrong
+        "medium black dotted",  # not the template: wrong everywhere
+        "medium yellow checkered cross right of a purple circle",  # size wrong
+    ]
+    accuracy = caption_field_accuracy(predictions, references)
+    assert accuracy == {
+        "size": 2 / 4,
+        "colour": 3 / 4,
+        "texture": 3 / 4,
+        "class": 3 / 4,
+        "relation": 2 / 4,
+        "neighbour_colour": 3 / 4,
+        "neighbour_class": 2 / 4,
+        "well_formed": 3 / 4,
+        "all": 1 / 4,
+    }
+    with pytest.raises(ValueError, match="3 predictions for 4"):
+        caption_field_accuracy(predictions[:3], references)
+    with pytest.raises(ValueError, match="does not follow"):
+        caption_field_accuracy(["a"], ["a red circle"])
+
+
+def test_context_labels_index_the_context_words():
+    assert context_labels("small red striped circle left of a blue square") == [0, 2, 1]
+    assert context_labels("medium black dotted diamond below an orange triangle") == [3, 5, 2]
+    assert CONTEXT_LABEL_SIZES == (4, 7, 6)
+    with pytest.raises(ValueError, match="does not follow"):
+        context_labels("a red circle")

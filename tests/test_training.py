@@ -14,7 +14,7 @@ from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
 from dynrefer_hf.metrics import attribute_map, cider_d, class_accuracy
 from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning, attribute_label_loss
 from dynrefer_hf.processing_dynrefer import DynReferProcessor
-from dynrefer_hf.shapes import SHAPES_VOCABULARY, shapes_split
+from dynrefer_hf.shapes import CONTEXT_LABEL_SIZES, SHAPES_VOCABULARY, context_labels, shapes_split
 from dynrefer_hf.training import (
     RegionTrainer,
     RegionTrainingCollator,
@@ -97,6 +97,10 @@ def test_collator_builds_every_target(scenes):
         torch.testing.assert_close(batch[key], again[key])
     other = RegionTrainingCollator(_processor(), SHAPES_VOCABULARY, seed=4)(records)
     assert not torch.equal(batch["pixel_values"], other["pixel_values"])
+    assert "probe_labels" not in batch
+    with_context = RegionTrainingCollator(_processor(), SHAPES_VOCABULARY, seed=3, caption_labels=context_labels)
+    captions = [caption for record in records for caption in record["captions"]]
+    assert with_context(records)["probe_labels"].tolist() == [context_labels(c) for c in captions]
     with pytest.raises(ValueError, match="empty batch"):
         collator([])
 
@@ -196,6 +200,7 @@ def test_region_trainer_trains_and_logs_every_loss_part(scenes, tmp_path):
         probe_loss_weight=1.0,
     )
     probe_before = trainer.probe.weight.detach().clone()
+    assert trainer.probe.out_features == model.config.num_classes + model.config.num_attributes + model.config.num_tags
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2
@@ -227,6 +232,49 @@ def test_plain_trainer_trains_every_head(scenes, tmp_path):
     assert all(not torch.equal(before[name], getattr(model, name).weight) for name in heads)
 
 
+def test_probe_label_sizes_add_one_cross_entropy_per_caption_label(scenes, tmp_path):
+    from transformers import TrainingArguments
+
+    model = _shapes_model()
+    arguments = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    trainer = RegionTrainer(
+        model=model, args=arguments, probe_loss_weight=1.0, probe_label_sizes=CONTEXT_LABEL_SIZES
+    )
+    config = model.config
+    own = config.num_classes + config.num_attributes + config.num_tags
+    assert trainer.probe.out_features == own + sum(CONTEXT_LABEL_SIZES)
+    regions = 4
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(regions, config.num_query_tokens, config.qformer_config.hidden_size, generator=generator)
+    nothing_else = torch.full((regions, config.num_attributes), -1)
+    no_class = torch.full((regions,), -1)
+    probe_labels = torch.tensor([[0, 2, 1], [3, 6, -1], [1, 0, 5], [-1, -1, -1]])
+    with torch.no_grad():
+        loss = trainer._probe_loss(queries, nothing_else, no_class, None, probe_labels)
+        extra = trainer.probe(queries.mean(dim=1))[:, own:].split(list(CONTEXT_LABEL_SIZES), dim=1)
+    expected = sum(
+        np.mean(
+            [
+                -torch.log_softmax(extra[column][row], 0)[label].item()
+                for row, label in enumerate(probe_labels[:, column].tolist())
+                if label >= 0
+            ]
+        )
+        for column in range(3)
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="probe_labels"):
+        trainer._probe_loss(queries, nothing_else, no_class, None, None)
+    # A collated batch: the probe takes probe_labels, the model never sees them.
+    batch = RegionTrainingCollator(_processor(), SHAPES_VOCABULARY, caption_labels=context_labels)([scenes[0]])
+    loss = trainer.compute_loss(model, batch)
+    assert torch.isfinite(loss) and "probe_labels" not in batch
+    with pytest.raises(ValueError, match="probe_loss_weight"):
+        RegionTrainer(model=model, args=arguments, probe_label_sizes=(4,))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        RegionTrainer(model=model, args=arguments, probe_loss_weight=1.0, probe_label_sizes=(1,))
+
+
 def test_evaluate_regions_scores_the_predictions(scenes):
     model = _shapes_model().eval()
     result = evaluate_regions(model, _processor(), scenes, batch_images=1, max_new_tokens=4, num_beams=1)
@@ -241,3 +289,25 @@ def test_evaluate_regions_scores_the_predictions(scenes):
     class_scores = np.array([prediction["class_scores"] for prediction in result.predictions])
     assert result.class_accuracy == pytest.approx(class_accuracy(class_scores, classes))
     assert set(result.percentages()) == {"cider_d", "attribute_map", "class_accuracy"}
+
+
+def test_sincos_position_embeddings_encode_rows_and_columns():
+    from dynrefer_hf.shapes import sincos_position_embeddings
+
+    grid, width = 4, 16
+    table = sincos_position_embeddings(grid, width)
+    assert table.shape == (1 + grid * grid, width) and not table[0].any()  # the class token gets zeros
+    frequencies = 1.0 / 10000 ** (np.arange(width // 4) / (width // 4))
+    for row in range(grid):
+        for column in range(grid):
+            expected = np.concatenate(
+                [
+                    np.sin(row * frequencies),
+                    np.cos(row * frequencies),
+                    np.sin(column * frequencies),
+                    np.cos(column * frequencies),
+                ]
+            )
+            np.testing.assert_allclose(table[1 + row * grid + column].numpy(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_embeddings(grid, 18)

@@ -34,7 +34,14 @@ from ..processing_dynrefer import DynReferProcessor
 from ..prompts import format_control_prompt
 from ..training import RegionTrainer, bag_of_words_embeddings
 from ..training.collator import RegionTrainingCollator
-from .scenes import SHAPES_VOCABULARY, shapes_split
+from .scenes import (
+    CONTEXT_FIELDS,
+    CONTEXT_LABEL_SIZES,
+    SHAPES_VOCABULARY,
+    caption_field_accuracy,
+    context_labels,
+    shapes_split,
+)
 from .tokenizer import train_t5_style_tokenizer
 
 __all__ = [
@@ -42,10 +49,13 @@ __all__ = [
     "DemoTrainingRun",
     "ShapesDemoSettings",
     "TimeLimitCallback",
+    "ValidationCurveCallback",
     "build_demo_model",
     "build_demo_processor",
     "calibrate_tag_threshold",
+    "demo_scores",
     "evaluate_demo_model",
+    "sincos_position_embeddings",
     "train_demo_model",
     "train_shapes_demo",
 ]
@@ -61,6 +71,11 @@ class ShapesDemoSettings:
     The view settings are what the view ablation (benchmarks/ablation_views.py) varies: ``num_views``
     views of ``view_size`` pixels, trained with ``train_view_selection`` (``"random"`` = upstream's random
     t, or a list of fixed t for views 1..V-1) and evaluated with ``eval_view_selection`` / ``eval_task``.
+    ``sincos_positions`` starts the ViT's (learnt) position embeddings from 2-D sine-cosine values
+    (`sincos_position_embeddings`) instead of small random ones. ``context_probe`` adds the caption's context
+    words (relation, neighbour colour and class) to the probe's targets (`context_labels`);
+    ``validation_steps > 0`` scores the model on the validation scenes every that many steps
+    (`ValidationCurveCallback`).
     """
 
     num_train_images: int = 2400
@@ -89,6 +104,9 @@ class ShapesDemoSettings:
     logging_steps: int = 25
     eval_batch_images: int = 8
     ci_subset_images: int = 16
+    context_probe: bool = False
+    sincos_positions: bool = False
+    validation_steps: int = 0
 
 
 def _all_parameters_trainable(model: DynReferForRegionCaptioning) -> list[str]:
@@ -105,12 +123,28 @@ def build_demo_processor(
     image_processor = DynReferImageProcessor(
         size={"height": settings.view_size, "width": settings.view_size},
         num_views=settings.num_views,
-        view_selection=settings.eval_view_selection
-        if isinstance(settings.eval_view_selection, str)
-        else "image_prior",
+        view_selection=settings.eval_view_selection,
         task=settings.eval_task,
     )
     return DynReferProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def sincos_position_embeddings(grid: int, width: int) -> torch.Tensor:
+    """2-D sine-cosine position embeddings of a ``grid x grid`` patch grid, as MAE initialises its ViT
+    (He et al. 2022): ``[1 + grid * grid, width]``, a zero row for the class token, then the patches row by
+    row, the first half of the channels encoding the row and the second half the column (``width`` divisible
+    by 4, frequencies ``1 / 10000 ** (i / (width / 4))``).
+    """
+    if width % 4:
+        raise ValueError(f"width must be divisible by 4 for 2-D sine-cosine embeddings, got {width}")
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    rows, columns = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for position in (rows, columns):
+        angles = position.flatten()[:, None].double() * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    patches = torch.cat(parts, dim=1).float()
+    return torch.cat([torch.zeros(1, width), patches])
 
 
 def build_demo_model(tokenizer, settings: ShapesDemoSettings) -> DynReferForRegionCaptioning:
@@ -174,12 +208,41 @@ def build_demo_model(tokenizer, settings: ShapesDemoSettings) -> DynReferForRegi
         # T5's init draws the untied lm_head with std 1, giving logits of std ~sqrt(d_model) and a first loss
         # near 60; from scratch, std d_model**-0.5 starts near log(vocab) and trains faster.
         model.language_model.lm_head.weight.normal_(std=language_width**-0.5)
+        if settings.sincos_positions:
+            # From scratch, small random position embeddings carry no notion of "nearby": attention would have
+            # to learn the grid's geometry before it can relate a region to its neighbour.
+            grid = settings.view_size // settings.patch_size
+            model.vision_model.embeddings.position_embedding.copy_(
+                sincos_position_embeddings(grid, vision_width)[None]
+            )
         model.clip_embeds.copy_(bag_of_words_embeddings(config.tag_names, _EMBEDDING_WORDS))
         model.att_embeds.copy_(bag_of_words_embeddings(config.attribute_prompts, _EMBEDDING_WORDS))
         model.ov_embeds.copy_(bag_of_words_embeddings(config.class_prompts, _EMBEDDING_WORDS))
     # The captions repeat colour and shape words by design; the released repetition penalty (1.5) would fight that.
     model.generation_config.repetition_penalty = 1.0
     return model
+
+
+class ValidationCurveCallback(TrainerCallback):
+    """Calls ``score()`` every ``every`` optimizer steps and at the last step; keeps ``curve``, a list of
+    ``{"step": ..., **score()}`` and passes each entry, as text, to ``log``. ``score`` evaluates the model (it
+    may switch it to eval mode: the ``Trainer`` switches it back to train mode at every step)."""
+
+    def __init__(self, score: Callable[[], dict], every: int, log: Callable[[str], None] | None = None):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.score = score
+        self.every = every
+        self.log = log
+        self.curve: list[dict] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        last = state.global_step >= state.max_steps or control.should_training_stop
+        if state.global_step % self.every == 0 or last:
+            self.curve.append({"step": state.global_step, **self.score()})
+            if self.log is not None:
+                self.log("validation " + json.dumps({k: round(v, 2) for k, v in self.curve[-1].items()}))
+        return control
 
 
 class TimeLimitCallback(TrainerCallback):
@@ -198,6 +261,16 @@ class TimeLimitCallback(TrainerCallback):
             control.should_training_stop = True
             self.stopped_early_at_step = state.global_step
         return control
+
+
+def _context_note(percentages: dict) -> str:
+    context = [percentages[f"word_{name}"] for name in CONTEXT_FIELDS]
+    if min(context) >= 50:
+        return "The context words are learnt: the wider views carry them."
+    return (
+        "**The context is not learnt**: the relation and the nearest shape are named at about chance level. "
+        "docs/demo_model.md gives the measurements of why and what was tried."
+    )
 
 
 def _model_card(
@@ -249,8 +322,8 @@ the nearest other shape and where it lies), predicts its tags, scores 14 attribu
 * Losses: caption cross-entropy and the asymmetric tag loss (as upstream); the attribute and class heads
   are trained on the region labels through the attribute head's scoring function (softmax within each
   attribute group, cross-entropy over classes) instead of upstream's region-caption contrastive loss, which
-  needs a text encoder; a linear probe on the mean region query (classes, attributes, tags; not saved)
-  supervises the backbone directly, without which the heads stayed at chance when training from scratch.
+  needs a text encoder; a linear probe on the mean region query (classes, attributes, tags{", and the caption's context words: relation, neighbour colour and class" if settings.context_probe else ""}; not saved)
+  supervises the backbone directly, without which the heads stayed at chance when training from scratch{" and the context words stayed at chance" if settings.context_probe else ""}.
 * Data: {settings.num_train_images} training scenes (seed {settings.data_seed}), {settings.epochs} epochs planned,
   {steps} optimizer steps{" (stopped early by the time limit)" if stopped_early else ""}, batch {settings.batch_images} images (all their regions),
   AdamW lr {settings.learning_rate}, weight decay {settings.weight_decay}, {settings.warmup_steps} warmup steps, cosine decay, fp32 on CPU.
@@ -270,7 +343,21 @@ On {percentages["num_regions"]} regions of {settings.num_test_images} test scene
 | attribute mAP (x100, OVAD protocol) | {percentages["attribute_map"]:.1f} | about 21 (constant scores give the positive rate) |
 | class accuracy (%) | {percentages["class_accuracy"]:.1f} | 16.7 |
 
-The captions follow one template, so CIDEr-D is high even for captions that get an attribute wrong.
+The captions follow one template, so CIDEr-D is high even for captions that get an attribute wrong; the
+accuracy of each word of the captions (`caption_field_accuracy`, % of regions) says more:
+
+| caption word | accuracy (%) | chance |
+|---|---|---|
+| size | {percentages["word_size"]:.1f} | 33.3 |
+| colour | {percentages["word_colour"]:.1f} | 14.3 |
+| texture | {percentages["word_texture"]:.1f} | 25.0 |
+| class | {percentages["word_class"]:.1f} | 16.7 |
+| relation to the nearest shape | {percentages["word_relation"]:.1f} | 25.0 |
+| colour of the nearest shape | {percentages["word_neighbour_colour"]:.1f} | 14.3 |
+| class of the nearest shape | {percentages["word_neighbour_class"]:.1f} | 16.7 |
+| every word right | {percentages["word_all"]:.1f} | |
+
+{_context_note(percentages)}
 
 Reproduce: `dynrefer train-demo --output-dir shapes-demo` (see `training_settings.json` for every setting).
 """
@@ -286,6 +373,7 @@ class DemoTrainingRun:
     train_seconds: float
     steps: int
     stopped_early: bool
+    validation_curve: list[dict]
 
 
 def train_demo_model(
@@ -309,7 +397,11 @@ def train_demo_model(
     log(f"model: {num_parameters / 1e6:.2f}M parameters, tokenizer: {len(processor.tokenizer)} pieces")
 
     collator = RegionTrainingCollator(
-        processor, SHAPES_VOCABULARY, view_selection=settings.train_view_selection, seed=settings.seed
+        processor,
+        SHAPES_VOCABULARY,
+        view_selection=settings.train_view_selection,
+        seed=settings.seed,
+        caption_labels=context_labels if settings.context_probe else None,
     )
     steps = math.ceil(settings.epochs * math.ceil(len(train) / settings.batch_images))
     arguments = TrainingArguments(
@@ -330,14 +422,27 @@ def train_demo_model(
         seed=settings.seed,
         disable_tqdm=not show_progress,
     )
+    # The time limit comes first, so that the validation callback sees its stop and scores the last step.
     time_limit = TimeLimitCallback(settings.max_train_minutes)
+    callbacks = [time_limit]
+    validation_curve = None
+    if settings.validation_steps > 0:
+        validation = shapes_split("validation", settings.num_validation_images, seed=settings.data_seed)
+        validation_curve = ValidationCurveCallback(
+            lambda: demo_scores(evaluate_demo_model(model, processor, validation, settings), validation),
+            settings.validation_steps,
+            log,
+        )
+        callbacks.append(validation_curve)
     trainer = RegionTrainer(
         model=model,
         args=arguments,
         train_dataset=train,
         data_collator=collator,
-        callbacks=[time_limit],
+        callbacks=callbacks,
         probe_loss_weight=1.0,  # from scratch, the label heads only learn once the region queries carry the labels
+        # Without it the context words stay at chance (docs/demo_model.md): captions alone do not teach them.
+        probe_label_sizes=CONTEXT_LABEL_SIZES if settings.context_probe else (),
     )
     log(f"training for {steps} steps (at most {settings.max_train_minutes} minutes)")
     train_start = time.monotonic()
@@ -351,6 +456,7 @@ def train_demo_model(
         train_seconds=train_seconds,
         steps=trainer.state.global_step,
         stopped_early=time_limit.stopped_early_at_step is not None,
+        validation_curve=[] if validation_curve is None else validation_curve.curve,
     )
 
 
@@ -402,6 +508,14 @@ def evaluate_demo_model(model, processor, test_dataset, settings: ShapesDemoSett
     )
 
 
+def demo_scores(evaluation: RegionEvaluation, dataset) -> dict[str, float]:
+    """The scores of ``evaluation`` x 100 (`RegionEvaluation.percentages`) and the per-word accuracies
+    (`caption_field_accuracy`, x 100, keys ``word_<field>``) of its captions against ``dataset``'s."""
+    references = [caption for captions in dataset["captions"] for caption in captions]
+    words = caption_field_accuracy([p["caption"] for p in evaluation.predictions], references)
+    return {**evaluation.percentages(), **{f"word_{name}": 100 * value for name, value in words.items()}}
+
+
 def train_shapes_demo(
     output_dir: str | Path,
     settings: ShapesDemoSettings | None = None,
@@ -432,18 +546,20 @@ def train_shapes_demo(
     subset = evaluate_demo_model(
         run.model, run.processor, run.test_dataset.select(range(subset_size)), settings
     )
+    test_scores = demo_scores(evaluation, run.test_dataset)
     scores = {
-        "test": {
-            **evaluation.percentages(),
-            "num_images": len(run.test_dataset),
-            "num_regions": evaluation.num_regions,
+        "test": {**test_scores, "num_images": len(run.test_dataset), "num_regions": evaluation.num_regions},
+        "ci_subset": {
+            **demo_scores(subset, run.test_dataset.select(range(subset_size))),
+            "num_images": subset_size,
+            "num_regions": subset.num_regions,
         },
-        "ci_subset": {**subset.percentages(), "num_images": subset_size, "num_regions": subset.num_regions},
         "tag_threshold": run.model.config.tag_threshold,
         "train_minutes": round(run.train_seconds / 60, 2),
         "steps": run.steps,
+        "validation_curve": run.validation_curve,
     }
-    log("test split: " + ", ".join(f"{name} {value:.1f}" for name, value in evaluation.percentages().items()))
+    log("test split: " + ", ".join(f"{name} {value:.1f}" for name, value in test_scores.items()))
 
     run.model.save_pretrained(output_dir)
     run.processor.save_pretrained(output_dir)

@@ -14,6 +14,8 @@ Generation is deterministic: scene ``index`` of split ``split`` depends only on
 from __future__ import annotations
 
 import io
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,13 +25,19 @@ from PIL import Image, ImageDraw
 from ..data.schema import ATTRIBUTE_IGNORE, RegionVocabulary, region_features
 
 __all__ = [
+    "CAPTION_FIELDS",
+    "CONTEXT_FIELDS",
+    "CONTEXT_LABEL_SIZES",
     "SHAPES_SPLITS",
     "SHAPES_VOCABULARY",
     "ShapeObject",
     "ShapesScene",
     "build_shapes_dataset",
+    "caption_field_accuracy",
+    "context_labels",
     "export_shapes_upstream",
     "generate_scene",
+    "parse_caption",
     "scene_record",
     "shapes_split",
 ]
@@ -46,6 +54,7 @@ COLOURS = {
 }
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 SIZES = ("small", "medium", "large")
+RELATIONS = ("left of", "right of", "above", "below")
 SHAPES_SPLITS = ("train", "validation", "test")
 
 # Object size = longer box side / shorter image side; class edges between small|medium|large.
@@ -215,8 +224,94 @@ def _relation(subject: ShapeObject, reference: ShapeObject) -> str:
     """Where ``subject`` lies relative to ``reference``, along the dominant axis."""
     (sx, sy), (rx, ry) = subject.centre, reference.centre
     if abs(sx - rx) >= abs(sy - ry):
-        return "left of" if sx < rx else "right of"
-    return "above" if sy < ry else "below"
+        return RELATIONS[0] if sx < rx else RELATIONS[1]
+    return RELATIONS[2] if sy < ry else RELATIONS[3]
+
+
+def _alternatives(words: Sequence[str]) -> str:
+    return "(" + "|".join(re.escape(word) for word in words) + ")"
+
+
+# The fields of a caption, in caption order: the region's own words, then its context (the nearest shape).
+CAPTION_FIELDS = ("size", "colour", "texture", "class", "relation", "neighbour_colour", "neighbour_class")
+CONTEXT_FIELDS = ("relation", "neighbour_colour", "neighbour_class")
+_CAPTION_PATTERN = re.compile(
+    " ".join(
+        [
+            _alternatives(SIZES),
+            _alternatives(COLOURS),
+            _alternatives(TEXTURES),
+            _alternatives(SHAPE_CLASSES),
+            _alternatives(RELATIONS),
+            "(?:a|an)",
+            _alternatives(COLOURS),
+            _alternatives(SHAPE_CLASSES),
+        ]
+    )
+)
+
+
+def parse_caption(caption: str) -> dict[str, str] | None:
+    """The `CAPTION_FIELDS` of a caption of the shapes template, or None if it does not follow the template.
+
+    ``"small red striped circle left of a blue square"`` -> ``{"size": "small", "colour": "red", ...,
+    "relation": "left of", "neighbour_colour": "blue", "neighbour_class": "square"}``. Whitespace runs count
+    as one space; the article is not checked.
+    """
+    match = _CAPTION_PATTERN.fullmatch(" ".join(caption.split()))
+    return None if match is None else dict(zip(CAPTION_FIELDS, match.groups()))
+
+
+CONTEXT_LABEL_SIZES = (len(RELATIONS), len(COLOURS), len(SHAPE_CLASSES))
+"""Number of classes of each of `context_labels`' labels."""
+
+
+def context_labels(caption: str) -> list[int]:
+    """The context words of a shapes caption as class indices: ``[relation, neighbour colour, neighbour class]``
+    (indices into ``RELATIONS``, ``COLOURS``, ``SHAPE_CLASSES``), the extra probe targets of the demonstration
+    model (`RegionTrainingCollator`'s ``caption_labels``).
+
+    Raises:
+        ValueError: if ``caption`` does not follow the caption template.
+    """
+    fields = parse_caption(caption)
+    if fields is None:
+        raise ValueError(f"the caption {caption!r} does not follow the shapes caption template")
+    return [
+        RELATIONS.index(fields["relation"]),
+        list(COLOURS).index(fields["neighbour_colour"]),
+        SHAPE_CLASSES.index(fields["neighbour_class"]),
+    ]
+
+
+def caption_field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Per-word accuracy of predicted shapes captions against their references (one reference each).
+
+    For every field of `CAPTION_FIELDS`, the fraction of regions whose predicted caption names it right; a
+    prediction that does not follow the caption template (`parse_caption` gives None) counts as wrong in
+    every field. Also ``"well_formed"`` (the fraction of predictions that follow the template) and
+    ``"all"`` (every field right). Fractions in [0, 1].
+
+    Raises:
+        ValueError: different lengths, no region, or a reference that does not follow the template.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise ValueError("caption_field_accuracy needs at least one region")
+    right = dict.fromkeys((*CAPTION_FIELDS, "well_formed", "all"), 0)
+    for prediction, reference in zip(predictions, references):
+        truth = parse_caption(reference)
+        if truth is None:
+            raise ValueError(f"the reference {reference!r} does not follow the shapes caption template")
+        parsed = parse_caption(prediction)
+        if parsed is None:
+            continue
+        right["well_formed"] += 1
+        right["all"] += parsed == truth
+        for name in CAPTION_FIELDS:
+            right[name] += parsed[name] == truth[name]
+    return {name: count / len(references) for name, count in right.items()}
 
 
 def _article(word: str) -> str:

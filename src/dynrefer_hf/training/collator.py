@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +39,8 @@ class RegionTrainingCollator:
     Returns a dict with the processor's ``pixel_values [R, V, 3, S, S]``, ``view_boxes [R, V, 4]``,
     ``input_ids`` / ``attention_mask`` (control prompts), ``labels`` / ``decoder_attention_mask``
     (captions, pad = -100), ``tag_labels [R, num_tags]`` (multi-hot), ``attribute_labels [R, A]`` (1 / 0 / -1,
-    all -1 for an unlabelled region) and ``class_labels [R]`` (-1 = none).
+    all -1 for an unlabelled region) and ``class_labels [R]`` (-1 = none); with ``caption_labels``, also
+    ``probe_labels [R, K]``.
 
     Args:
         processor: a `DynReferProcessor` (image processor + tokenizer).
@@ -51,6 +52,9 @@ class RegionTrainingCollator:
             draws from ``random.Random(f"{seed}:{n}")``, so a resumed run draws what an uninterrupted one would
             once ``batch_index`` is set to the number of batches already trained on (`RegionTrainer` does that;
             one collator per process, dataloader workers not supported for exact resumption).
+        caption_labels: optional map from a region's caption to ``K`` integer labels (-1 = none), e.g. the
+            caption's context words as class indices; they become ``probe_labels``, extra targets of
+            `RegionTrainer`'s probe (``probe_label_sizes``).
     """
 
     processor: object
@@ -59,6 +63,7 @@ class RegionTrainingCollator:
     task: str | None = None
     use_controls: bool = True
     seed: int = 0
+    caption_labels: Callable[[str], Sequence[int]] | None = None
     batch_index: int = 0
 
     def __post_init__(self) -> None:
@@ -94,6 +99,10 @@ class RegionTrainingCollator:
         batch["class_labels"] = torch.tensor(
             [label for record in records for label in record["classes"]], dtype=torch.long
         )
+        if self.caption_labels is not None:
+            batch["probe_labels"] = torch.tensor(
+                [list(self.caption_labels(caption)) for caption in captions], dtype=torch.long
+            )
         return batch
 
     def _tag_targets(self, region_tags: Sequence[Sequence[str]]) -> torch.Tensor:

@@ -104,7 +104,10 @@ class RegionTrainer(Trainer):
       binary cross-entropy for tags). The label heads score labels through cross-attention to the region
       queries, a path whose gradient reaching the backbone is tiny at initialisation; the probe gives the
       backbone a direct signal. The probe trains with the model but is not part of it (nothing of it is saved;
-      under several processes it has its own DistributedDataParallel wrapper);
+      under several processes it has its own DistributedDataParallel wrapper). ``probe_label_sizes`` adds to it
+      one cross-entropy per column of the batch's ``probe_labels [R, K]`` (`RegionTrainingCollator`'s
+      ``caption_labels``; column ``k`` has ``probe_label_sizes[k]`` classes, -1 ignored): targets that only the
+      captions carry, such as the words about a region's context;
     * upstream's weight-decay rule (docs/upstream/model.md §18): none for biases and parameters of fewer than
       2 dimensions;
     * LoRA checkpoints (peft) that hold, next to the adapters, the other trained parameters
@@ -115,7 +118,7 @@ class RegionTrainer(Trainer):
     ``class_loss_weight`` still set them, with a FutureWarning.
     """
 
-    def __init__(self, *args, probe_loss_weight: float = 0.0, **kwargs):
+    def __init__(self, *args, probe_loss_weight: float = 0.0, probe_label_sizes: Sequence[int] = (), **kwargs):
         moved = {name: kwargs.pop(name) for name in list(kwargs) if name in _CONFIG_ARGUMENTS}
         super().__init__(*args, **kwargs)
         self.add_callback(CheckpointCompletionCallback())
@@ -132,9 +135,14 @@ class RegionTrainer(Trainer):
                 f"attribute_label_loss must be one of {ATTRIBUTE_LOSSES}, got {config.attribute_label_loss!r}"
             )
         self.probe_loss_weight = probe_loss_weight
+        self.probe_label_sizes = [int(size) for size in probe_label_sizes]
+        if self.probe_label_sizes and probe_loss_weight <= 0:
+            raise ValueError(f"probe_label_sizes {self.probe_label_sizes} need probe_loss_weight > 0")
+        if any(size < 2 for size in self.probe_label_sizes):
+            raise ValueError(f"every probe label needs at least 2 classes, got {self.probe_label_sizes}")
         self.probe = None
         if probe_loss_weight > 0:
-            outputs = config.num_classes + config.num_attributes + config.num_tags
+            outputs = config.num_classes + config.num_attributes + config.num_tags + sum(self.probe_label_sizes)
             self.probe = torch.nn.Linear(config.qformer_config.hidden_size, outputs).to(self.model.device)
             if self.args.world_size > 1:  # outside the model's DDP wrapper: synchronised by its own
                 self.probe = torch.nn.parallel.DistributedDataParallel(self.probe)
@@ -157,13 +165,24 @@ class RegionTrainer(Trainer):
             name for name, parameter in model.named_parameters() if parameter.ndim >= 2 and "bias" not in name
         ]
 
-    def _probe_loss(self, region_queries, attribute_labels, class_labels, tag_labels) -> torch.Tensor:
+    def _probe_loss(
+        self, region_queries, attribute_labels, class_labels, tag_labels, probe_labels
+    ) -> torch.Tensor:
         config = self.model.config
         logits = self.probe(region_queries.mean(dim=1).float())
-        class_logits, attribute_logits, tag_logits = logits.split(
-            [config.num_classes, config.num_attributes, config.num_tags], dim=1
+        class_logits, attribute_logits, tag_logits, *extra_logits = logits.split(
+            [config.num_classes, config.num_attributes, config.num_tags, *self.probe_label_sizes], dim=1
         )
         loss = logits.sum() * 0.0
+        if extra_logits:
+            if probe_labels is None or probe_labels.shape[1] != len(extra_logits):
+                raise ValueError(
+                    f"probe_label_sizes {self.probe_label_sizes} need probe_labels [R, {len(extra_logits)}] "
+                    f"in every batch, got {None if probe_labels is None else list(probe_labels.shape)}"
+                )
+            for column, column_logits in enumerate(extra_logits):
+                if (probe_labels[:, column] != -1).any():
+                    loss = loss + F.cross_entropy(column_logits, probe_labels[:, column], ignore_index=-1)
         if class_labels is not None:
             loss = loss + class_label_loss(class_logits, class_labels)
         if attribute_labels is not None:
@@ -175,6 +194,7 @@ class RegionTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        probe_labels = inputs.pop("probe_labels", None)  # the probe's extra targets, not the model's
         outputs: DynReferOutput = model(**inputs)
         loss = outputs.loss
         parts = {name: outputs[name] for name in LOSS_PARTS if outputs.get(name) is not None}
@@ -184,6 +204,7 @@ class RegionTrainer(Trainer):
                 inputs.get("attribute_labels"),
                 inputs.get("class_labels"),
                 inputs.get("tag_labels"),
+                probe_labels,
             )
             extra = self.probe_loss_weight * parts["loss_probe"]
             loss = extra if loss is None else loss + extra
