@@ -11,31 +11,20 @@ import argparse
 import json
 import os
 
+from .common import count, number
 from .errors import CommandError
 
 __all__ = ["register"]
 
 
 def _threshold(text: str):
+    """``--tag-threshold``: ``model`` (the model's own threshold) or a probability."""
     if text == "model":
         return text
     try:
-        value = float(text)
-    except ValueError:
+        return number(0.0, 1.0)(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number in [0, 1] nor 'model'") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1]")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
 
 
 def register(subparsers) -> None:
@@ -56,16 +45,16 @@ def register(subparsers) -> None:
     parser.add_argument("--model", help="model folder or Hub id (default: the embedded demonstration model)")
     parser.add_argument("--output", metavar="DIR", help="where result.json and metrics.json go (required to predict)")
     parser.add_argument("--rescore", metavar="RESULT.json", help="score this result file instead of predicting")
-    parser.add_argument("--limit", type=_positive, metavar="N", help="only the first N images of the file")
+    parser.add_argument("--limit", type=count(1), metavar="N", help="only the first N images of the file")
     parser.add_argument(
         "--tag-threshold",
         type=_threshold,
         help="tag threshold: a number, or 'model' for the model's own (default: the task's upstream setting, "
         "0.76 refcocog, 0.8 vg-reg, else the model's)",
     )
-    parser.add_argument("--batch-images", type=_positive, default=8, help="images per batch (default: %(default)s)")
+    parser.add_argument("--batch-images", type=count(1), default=8, help="images per batch (default: %(default)s)")
     parser.add_argument(
-        "--region-batch-size", type=_positive, default=20, help="regions per forward pass (default: %(default)s)"
+        "--region-batch-size", type=count(1), default=20, help="regions per forward pass (default: %(default)s)"
     )
     parser.add_argument("--restart", action="store_true", help="ignore predictions of an earlier run in --output")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available; under torchrun: the local rank's GPU)")
