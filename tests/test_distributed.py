@@ -18,7 +18,6 @@ Q-Former, ...), where a pair across ranks contributes through its local side onl
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from launch import run_command
 from tiny import make_tiny_model
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -194,24 +194,9 @@ def _environment() -> dict:
 
 
 def _launch(command: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    # a session of its own, so that a hung launcher and its workers can be stopped together
-    process = subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{command} did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    assert process.returncode == 0, f"{command} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    completed = run_command(command, env=_environment(), timeout=timeout, cwd=cwd)
+    assert completed.returncode == 0, f"{command} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
+    return completed
 
 
 def _free_port() -> int:

@@ -4,11 +4,10 @@ the result file, the metrics against `evaluate_regions`, re-scoring, resuming, t
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 
 import pytest
+from launch import run_command
 from transformers import AutoModel, AutoProcessor
 
 import dynrefer_hf  # noqa: F401  (registers the Auto classes)
@@ -139,15 +138,9 @@ def test_two_processes_give_the_one_process_metrics(exported, ovad_one_process, 
         "-m", "dynrefer_hf.cli", "eval", "--task", "ovad", "--annotations", exported["images"],
         "--output", str(output), "--batch-images", "1",
     ]
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"torchrun did not finish:\n{stdout[-2000:]}\n{stderr[-4000:]}")
-    assert process.returncode == 0, stderr[-4000:]
+    completed = run_command(command, env=environment, timeout=300)
+    stdout, stderr = completed.stdout, completed.stderr
+    assert completed.returncode == 0, stderr[-4000:]
     assert stdout.count("| ovad |") == 1  # only process 0 reports
     assert sorted(p.name for p in (output / "partial").glob("rank*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
     two = json.loads((output / "metrics.json").read_text())

@@ -8,12 +8,12 @@ at a chosen point (the worker below patches `RegionTrainer`); the uninterrupted 
 
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from launch import run_command
 from safetensors.torch import load_file
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -82,10 +82,7 @@ def _run(base, output, *extra, kill=None, launcher=(), kill_rank=None):
         "--save-steps", "2", "--logging-steps", "1", "--output-dir", str(output), "--seed", "3", *extra,
     ]  # fmt: skip
     command = [*(launcher or [sys.executable]), str(base / "worker.py"), EXAMPLE, *arguments]
-    process = subprocess.run(
-        command, env=environment, capture_output=True, text=True, timeout=600, check=False
-    )
-    return process
+    return run_command(command, env=environment, timeout=300)
 
 
 def _final_weights(folder):

@@ -216,7 +216,7 @@ def generate_scene(rng: np.random.Generator) -> ShapesScene:
         tight = (x1 + int(cols[0]), y1 + int(rows[0]), x1 + int(cols[-1]) + 1, y1 + int(rows[-1]) + 1)
         size, ambiguous = _size_class(max(box_w, box_h) / min(width, height))
         objects.append(ShapeObject(tight, shape, colour, texture, size, ambiguous))
-    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), mode="RGB")
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))  # uint8 [H, W, 3]: RGB
     return ShapesScene(image=image, objects=tuple(objects))
 
 
