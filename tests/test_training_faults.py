@@ -82,7 +82,7 @@ def _run(base, output, *extra, kill=None, launcher=(), kill_rank=None):
         "--save-steps", "2", "--logging-steps", "1", "--output-dir", str(output), "--seed", "3", *extra,
     ]  # fmt: skip
     command = [*(launcher or [sys.executable]), str(base / "worker.py"), EXAMPLE, *arguments]
-    return run_command(command, env=environment, timeout=300)
+    return run_command(command, env=environment, timeout=240, retries_on_hang=1)
 
 
 def _final_weights(folder):
