@@ -106,6 +106,15 @@ def ovad_one_process(exported, tmp_path_factory):
 def test_rescore_and_resume(exported, ovad_one_process, tmp_path, capsys):
     metrics = json.loads((ovad_one_process / "metrics.json").read_text())["metrics"]
     assert 0 < metrics["ap/all"] <= 100 and {"ap/head", "ap/medium", "ap/tail"} <= set(metrics)
+    # the means per parent type, weighted by their attributes with a positive, average back to ap/all
+    with open(exported["images"]) as file:
+        gt = json.load(file)
+    types = [attr["parent_type"] for attr in sorted(gt["attrs"], key=lambda attr: attr["id"])]
+    positive = [any(a["extra_info"]["ovad_result"]["att_vec"][i] == 1 for a in gt["annotations"]) for i in range(len(types))]
+    counts = {name: sum(p for t, p in zip(types, positive) if t == name) for name in dict.fromkeys(types)}
+    assert sorted(key for key in metrics if key.startswith("ap/type/")) == sorted(f"ap/type/{t}" for t in counts)
+    weighted = sum(counts[t] * metrics[f"ap/type/{t}"] for t in counts if counts[t]) / sum(counts.values())
+    assert weighted == pytest.approx(metrics["ap/all"], rel=1e-9)
     code, out, err = _eval(capsys, "--task", "ovad", "--rescore", str(ovad_one_process / "result.json"),
                            "--annotations", exported["images"], "--json")
     assert code == 0, err

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..data.upstream import coco_class_names, segmentation_box
-from ..metrics import DenseCaptionImage, attribute_map, caption_scores, dense_caption_map
+from ..metrics import DenseCaptionImage, attribute_map, caption_scores, dense_caption_map, mean_ap_by_group
 from .tasks import BENCHMARK_TASKS
 
 __all__ = ["ResultFileError", "format_metrics_table", "score_result"]
@@ -154,6 +154,11 @@ def _ovad(result: dict, gt: dict, result_name: str, gt_name: str, annotation_ids
         if name in out.groups:
             value = out.groups[name]
             metrics[f"ap/{name}"] = None if np.isnan(value) else 100 * value
+    # upstream also prints the mean per parent type (colour, material, ...); metrics.json keeps them
+    parent_types = [attr.get("parent_type") for attr in attrs]
+    if all(parent_types):
+        for name, value in mean_ap_by_group(out.per_attribute, parent_types).items():
+            metrics[f"ap/type/{name}"] = None if np.isnan(value) else 100 * value
     return {
         **metrics,
         "num_regions": len(labels),

@@ -24,7 +24,7 @@ from .densecap import (
     merge_boxes,
 )
 from .modules import EVALUATE_MODULES, evaluate_module_path
-from .recognition import AttributeMAPResult, attribute_map, class_accuracy
+from .recognition import AttributeMAPResult, attribute_map, class_accuracy, mean_ap_by_group
 
 __all__ = [
     "CAPTION_METRICS",
@@ -46,8 +46,9 @@ __all__ = [
     "dense_caption_map",
     "evaluate_module_path",
     "interpolated_average_precision",
-    "meteor_scores",
+    "mean_ap_by_group",
     "merge_boxes",
+    "meteor_scores",
     "ptb_tokenize",
     "require_java",
 ]

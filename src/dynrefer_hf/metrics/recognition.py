@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-__all__ = ["AttributeMAPResult", "attribute_map", "class_accuracy"]
+__all__ = ["AttributeMAPResult", "attribute_map", "class_accuracy", "mean_ap_by_group"]
 
 
 def _as_2d(name: str, array) -> np.ndarray:
@@ -48,15 +48,22 @@ def attribute_map(scores, labels, groups=None) -> AttributeMAPResult:
             per_attribute[a] = average_precision_score(positives, scores[kept, a])
     if np.isnan(per_attribute).all():
         raise ValueError("no attribute has a positive label, so attribute mAP is undefined")
-    group_maps = {}
-    if groups is not None:
-        groups = list(groups)
-        if len(groups) != labels.shape[1]:
-            raise ValueError(f"groups names {len(groups)} attributes but there are {labels.shape[1]}")
-        for name in dict.fromkeys(groups):
-            values = per_attribute[[g == name for g in groups]]
-            group_maps[name] = float("nan") if np.isnan(values).all() else float(np.nanmean(values))
+    group_maps = {} if groups is None else mean_ap_by_group(per_attribute, groups)
     return AttributeMAPResult(map=float(np.nanmean(per_attribute)), per_attribute=per_attribute, groups=group_maps)
+
+
+def mean_ap_by_group(per_attribute, groups) -> dict[str, float]:
+    """The mean of ``per_attribute`` [A] APs (NaN = no positive, left out) within each group of ``groups``
+    ([A] group names, e.g. OVAD's ``freq_set`` or ``parent_type``), in order of first appearance; NaN for a
+    group none of whose attributes has a positive."""
+    per_attribute, groups = np.asarray(per_attribute, dtype=np.float64), list(groups)
+    if len(groups) != len(per_attribute):
+        raise ValueError(f"groups names {len(groups)} attributes but there are {len(per_attribute)}")
+    means = {}
+    for name in dict.fromkeys(groups):
+        values = per_attribute[[g == name for g in groups]]
+        means[name] = float("nan") if np.isnan(values).all() else float(np.nanmean(values))
+    return means
 
 
 def class_accuracy(class_scores, class_labels) -> float:
