@@ -195,7 +195,8 @@ def _environment() -> dict:
 
 def _launch(command: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     completed = run_command(command, env=_environment(), timeout=timeout, cwd=cwd, retries_on_hang=1)
-    assert completed.returncode == 0, f"{command} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
+    output = f"{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
+    assert completed.returncode == 0, f"{command} failed:\n{output}"
     return completed
 
 

@@ -110,9 +110,11 @@ def test_rescore_and_resume(exported, ovad_one_process, tmp_path, capsys):
     with open(exported["images"]) as file:
         gt = json.load(file)
     types = [attr["parent_type"] for attr in sorted(gt["attrs"], key=lambda attr: attr["id"])]
-    positive = [any(a["extra_info"]["ovad_result"]["att_vec"][i] == 1 for a in gt["annotations"]) for i in range(len(types))]
+    vectors = [annotation["extra_info"]["ovad_result"]["att_vec"] for annotation in gt["annotations"]]
+    positive = [any(vector[i] == 1 for vector in vectors) for i in range(len(types))]
     counts = {name: sum(p for t, p in zip(types, positive) if t == name) for name in dict.fromkeys(types)}
-    assert sorted(key for key in metrics if key.startswith("ap/type/")) == sorted(f"ap/type/{t}" for t in counts)
+    reported = sorted(key for key in metrics if key.startswith("ap/type/"))
+    assert reported == sorted(f"ap/type/{t}" for t in counts)
     weighted = sum(counts[t] * metrics[f"ap/type/{t}"] for t in counts if counts[t]) / sum(counts.values())
     assert weighted == pytest.approx(metrics["ap/all"], rel=1e-9)
     code, out, err = _eval(capsys, "--task", "ovad", "--rescore", str(ovad_one_process / "result.json"),

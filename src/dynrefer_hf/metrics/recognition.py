@@ -49,7 +49,7 @@ def attribute_map(scores, labels, groups=None) -> AttributeMAPResult:
     if np.isnan(per_attribute).all():
         raise ValueError("no attribute has a positive label, so attribute mAP is undefined")
     group_maps = {} if groups is None else mean_ap_by_group(per_attribute, groups)
-    return AttributeMAPResult(map=float(np.nanmean(per_attribute)), per_attribute=per_attribute, groups=group_maps)
+    return AttributeMAPResult(float(np.nanmean(per_attribute)), per_attribute, group_maps)
 
 
 def mean_ap_by_group(per_attribute, groups) -> dict[str, float]:
