@@ -44,8 +44,9 @@ def _run_once(command: list[str], env: dict[str, str], timeout: float, cwd) -> t
             returncode = None
             _kill_session(process, signal.SIGABRT)
             time.sleep(5)  # time for every process to print its stacks
-        _kill_session(process, signal.SIGKILL)
-        process.wait()
+        finally:  # also when the test itself is stopped (pytest-timeout, Ctrl-C)
+            _kill_session(process, signal.SIGKILL)
+            process.wait()
         stdout.seek(0), stderr.seek(0)
         return returncode, stdout.read(), stderr.read()
 
