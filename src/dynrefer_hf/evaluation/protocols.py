@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..data.upstream import coco_class_names, segmentation_box
+from ..data.upstream import FREQUENCY_SETS, coco_class_names, segmentation_box
 from ..metrics import DenseCaptionImage, attribute_map, caption_scores, dense_caption_map, mean_ap_by_group
 from .tasks import BENCHMARK_TASKS
 
@@ -112,6 +112,11 @@ def _densecap(result: dict, gt: dict, result_name: str, annotation_ids) -> dict:
     }
 
 
+def _percentages(prefix: str, fractions: dict[str, float]) -> dict[str, float | None]:
+    """``{prefix + name: 100 * value}``; None where the value is NaN (a group without a positive)."""
+    return {prefix + name: None if np.isnan(value) else 100 * value for name, value in fractions.items()}
+
+
 def _ovad(result: dict, gt: dict, result_name: str, gt_name: str, annotation_ids) -> dict:
     """§5: attribute scores per annotation (zeros without a prediction), labels from ``ovad_result.att_vec``."""
     attrs = gt.get("attrs")
@@ -147,18 +152,14 @@ def _ovad(result: dict, gt: dict, result_name: str, gt_name: str, annotation_ids
         labels.append(vector)
     # upstream clips scores to [0, 1] (AttEvaluator)
     scores = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
-    groups = [str(attr.get("freq_set", "all")) for attr in attrs]
-    out = attribute_map(scores, np.asarray(labels, dtype=np.int64), groups=groups)
+    out = attribute_map(scores, np.asarray(labels, dtype=np.int64))
     metrics = {"ap/all": 100 * out.map}
-    for name in ("head", "medium", "tail"):
-        if name in out.groups:
-            value = out.groups[name]
-            metrics[f"ap/{name}"] = None if np.isnan(value) else 100 * value
+    frequency = mean_ap_by_group(out.per_attribute, [str(attr.get("freq_set", "all")) for attr in attrs])
+    metrics.update(_percentages("ap/", {name: frequency[name] for name in FREQUENCY_SETS if name in frequency}))
     # upstream also prints the mean per parent type (colour, material, ...); metrics.json keeps them
     parent_types = [attr.get("parent_type") for attr in attrs]
     if all(parent_types):
-        for name, value in mean_ap_by_group(out.per_attribute, parent_types).items():
-            metrics[f"ap/type/{name}"] = None if np.isnan(value) else 100 * value
+        metrics.update(_percentages("ap/type/", mean_ap_by_group(out.per_attribute, parent_types)))
     return {
         **metrics,
         "num_regions": len(labels),
