@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
+import io
 import os
 import platform
 import statistics
@@ -115,13 +116,42 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _csv_text(
+    rows: Iterable[tuple[str, str, str, float, str]], commit: str, versions: str, machine: str, header: bool
+) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    if header:
+        writer.writerow(FIELDS)
+    for benchmark, variant, metric, value, unit in rows:
+        writer.writerow([benchmark, variant, metric, f"{value:.6g}", unit, commit, versions, machine])
+    return buffer.getvalue()
+
+
 def write_results(
     path: Path, rows: Iterable[tuple[str, str, str, float, str]], commit: str, versions: str, machine: str
 ) -> None:
     """Write ``(benchmark, variant, metric, value, unit)`` rows, each with commit, versions and machine."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(FIELDS)
-        for benchmark, variant, metric, value, unit in rows:
-            writer.writerow([benchmark, variant, metric, f"{value:.6g}", unit, commit, versions, machine])
+    path.write_text(_csv_text(rows, commit, versions, machine, header=True), newline="")
+
+
+def append_results(
+    path: Path, rows: Iterable[tuple[str, str, str, float, str]], commit: str, versions: str, machine: str
+) -> None:
+    """`write_results`, appending to ``path`` (the header only when it is new): for results written as they come.
+
+    Each call is one ``write`` of whole lines to a file opened for appending, so that processes running side
+    by side can share the file once it exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = _csv_text(rows, commit, versions, machine, header=not path.exists())
+    with open(path, "a", newline="") as handle:
+        handle.write(text)
+
+
+def read_results(path: Path) -> list[dict[str, str]]:
+    """The rows of a results CSV as dicts keyed by `FIELDS` (empty when there is no file yet)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

@@ -12,6 +12,8 @@ from dynrefer_hf.shapes import (
     caption_field_accuracy,
     context_labels,
     parse_caption,
+    scene_record,
+    shapes_scene,
     shapes_split,
 )
 
@@ -38,6 +40,15 @@ def test_same_seed_same_scenes_and_any_subset_can_be_rebuilt(scenes):
         assert np.asarray(other["image"]).shape != np.asarray(scenes[0]["image"]).shape or not np.array_equal(
             np.asarray(other["image"]), np.asarray(scenes[0]["image"])
         )
+
+
+def test_one_scene_alone_is_the_one_the_split_stores(scenes):
+    for index in (0, 5):
+        scene = shapes_scene("train", index, seed=3)
+        assert np.array_equal(np.asarray(scene.image), np.asarray(scenes[index]["image"]))
+        assert scene_record(scene, image_id=index)["captions"] == scenes[index]["captions"]
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        shapes_scene("val", 0)
 
 
 def test_schema_and_ranges(scenes):

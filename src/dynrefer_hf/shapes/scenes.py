@@ -39,6 +39,7 @@ __all__ = [
     "generate_scene",
     "parse_caption",
     "scene_record",
+    "shapes_scene",
     "shapes_split",
 ]
 
@@ -357,10 +358,11 @@ def scene_record(scene: ShapesScene, image_id: int) -> dict:
     }
 
 
-def _scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+def shapes_scene(split: str, index: int, seed: int = 0) -> ShapesScene:
+    """Scene ``index`` of ``split``: the one `shapes_split` stores at that index, without the PNG round trip."""
     if split not in SHAPES_SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SHAPES_SPLITS}")
-    return np.random.default_rng([seed, SHAPES_SPLITS.index(split), index])
+    return generate_scene(np.random.default_rng([seed, SHAPES_SPLITS.index(split), index]))
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -376,7 +378,7 @@ def shapes_split(split: str, num_images: int, seed: int = 0, start: int = 0) -> 
         raise ValueError(f"num_images must be at least 1, got {num_images}")
     records = []
     for index in range(start, start + num_images):
-        record = scene_record(generate_scene(_scene_rng(seed, split, index)), image_id=index)
+        record = scene_record(shapes_scene(split, index, seed), image_id=index)
         records.append({**record, "image": {"bytes": _png_bytes(record["image"]), "path": None}})
     columns = {key: [record[key] for record in records] for key in records[0]}
     return Dataset.from_dict(columns, features=region_features(SHAPES_VOCABULARY), split=split)
