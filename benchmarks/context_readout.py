@@ -19,6 +19,7 @@ training scenes (the shipped recipe trains on 2400):
 
     python benchmarks/context_readout.py --jobs 2     # the three runs of docs/demo_model.md; resumable
     python benchmarks/context_readout.py --runs t1_20000scenes    # one of them
+    python benchmarks/context_readout.py --geometry   # where the nearest shape lies in the views (seconds)
     python benchmarks/context_readout.py --smoke      # a few steps, to check that the script runs
 
 Every run scores the test split (200 scenes, 1109 regions) every ``--eval-every`` steps and appends the
@@ -54,7 +55,7 @@ from dynrefer_hf.shapes import (
     shapes_scene,
     sincos_position_embeddings,
 )
-from dynrefer_hf.views import view_boxes
+from dynrefer_hf.views import CANDIDATE_RATIOS, view_boxes
 
 BENCHMARK = "context_readout"
 WORDS = ("relation", "neighbour_colour", "neighbour_class", "own_class")
@@ -107,6 +108,66 @@ def region_views(split: str, num_scenes: int, t: float, view_size: int) -> tuple
             )
             labels.append([*context_labels(caption), own_class])
     return torch.from_numpy(np.stack(views)), torch.tensor(boxes, dtype=torch.float32), torch.tensor(labels)
+
+
+def neighbour_geometry(
+    num_scenes: int, view_size: int, patch_size: int
+) -> list[tuple[str, str, str, float, str]]:
+    """Where the nearest shape lies in the views of the candidate grid (t = 0, 0.1, ..., 1) of every test
+    region: the smallest t whose view holds it whole, and its shorter side in the pixels of that view and of
+    the whole image (t = 1) resized to ``view_size``. Result rows of `BENCHMARK`, variant ``"geometry"``."""
+    grid = (0.0, *CANDIDATE_RATIOS)
+    half = grid.index(0.5)
+    smallest_t, side_in_view, side_in_image, whole_at_half, centre_at_half = [], [], [], [], []
+    for index in range(num_scenes):
+        scene = shapes_scene("test", index)
+        width, height = scene.image.size
+        centres = np.array([obj.centre for obj in scene.objects])
+        for i, obj in enumerate(scene.objects):
+            distances = ((centres - centres[i]) ** 2).sum(axis=1)
+            distances[i] = np.inf
+            neighbour = np.array(scene.objects[int(np.argmin(distances))].box, dtype=np.float32)
+            views = view_boxes(obj.box, grid, width, height)
+            holds = (views[:, :2] <= neighbour[:2]).all(axis=1) & (views[:, 2:] >= neighbour[2:]).all(axis=1)
+            first = int(np.argmax(holds))  # t = 1 always holds it
+            sides = (neighbour[2:] - neighbour[:2]) * view_size / (views[:, 2:] - views[:, :2])
+            centre = (neighbour[:2] + neighbour[2:]) / 2
+            whole_at_half.append(holds[half])
+            centre_at_half.append(
+                bool((views[half, :2] <= centre).all() and (centre <= views[half, 2:]).all())
+            )
+            smallest_t.append(grid[first])
+            side_in_view.append(sides[first].min())
+            side_in_image.append(sides[-1].min())
+    rows = [
+        (BENCHMARK, "geometry", f"smallest t holding the neighbour, {name}", value, "t")
+        for name, value in zip(
+            ("quartile 1", "median", "quartile 3"), np.percentile(smallest_t, [25, 50, 75])
+        )
+    ]
+    rows += [
+        (BENCHMARK, "geometry", "neighbour whole in the t = 0.5 view", 100 * np.mean(whole_at_half), "%"),
+        (BENCHMARK, "geometry", "neighbour's centre in the t = 0.5 view", 100 * np.mean(centre_at_half), "%"),
+    ]
+    for where, sides in (("that view", np.array(side_in_view)), ("the whole image", np.array(side_in_image))):
+        rows += [
+            (BENCHMARK, "geometry", f"neighbour's shorter side in {where}, median", np.median(sides), "px"),
+            (
+                BENCHMARK,
+                "geometry",
+                f"neighbour's shorter side in {where}, under one patch",
+                100 * np.mean(sides < patch_size),
+                "%",
+            ),
+            (
+                BENCHMARK,
+                "geometry",
+                f"neighbour's shorter side in {where}, under two patches",
+                100 * np.mean(sides < 2 * patch_size),
+                "%",
+            ),
+        ]
+    return rows
 
 
 class ContextReadout(torch.nn.Module):
@@ -238,9 +299,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one torch thread each)")
     parser.add_argument("--eval-every", type=int, default=1000, help="steps between test scores")
     parser.add_argument("--smoke", action="store_true", help="20 steps on 20 scenes per run, to its own file")
+    parser.add_argument(
+        "--geometry",
+        action="store_true",
+        help="only measure where the nearest shape lies in the views (no training)",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.eval_every < 1:
         parser.error(f"--jobs and --eval-every must be >= 1, got {args.jobs} and {args.eval_every}")
+    if args.geometry:
+        rows = neighbour_geometry(RUNS[0].test_scenes, RUNS[0].view_size, RUNS[0].patch_size)
+        append_results(
+            RESULTS / f"{BENCHMARK}.csv", rows, git_commit(), versions("numpy"), machine_description()
+        )
+        for _, _, metric, value, unit in rows:
+            print(f"{metric}: {value:.1f} {unit}")
+        return
     runs = tuple(run for run in RUNS if args.runs is None or run.name in args.runs)
     results = RESULTS / f"{BENCHMARK}.csv"
     if args.smoke:
