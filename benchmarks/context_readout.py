@@ -17,7 +17,7 @@ DynRefer could get from the representation:
 No Q-Former, caption, control words or fusion. The runs differ in the view's ``t`` and in the number of
 training scenes (the shipped recipe trains on 2400):
 
-    python benchmarks/context_readout.py --jobs 2     # the three runs of docs/demo_model.md; resumable
+    python benchmarks/context_readout.py --jobs 2     # the four runs of docs/demo_model.md; resumable
     python benchmarks/context_readout.py --runs t1_20000scenes    # one of them
     python benchmarks/context_readout.py --geometry   # where the nearest shape lies in the views (seconds)
     python benchmarks/context_readout.py --smoke      # a few steps, to check that the script runs
@@ -81,6 +81,7 @@ RUNS = (
     Run("t0.5_2400scenes", t=0.5, train_scenes=2400),
     Run("t0.5_20000scenes", t=0.5, train_scenes=20_000),
     Run("t1_20000scenes", t=1.0, train_scenes=20_000),
+    Run("t0.5_20000scenes_20000steps", t=0.5, train_scenes=20_000, steps=20_000),
 )
 
 
