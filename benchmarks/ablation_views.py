@@ -226,9 +226,11 @@ def tables(summary: dict[str, dict]) -> str:
     word_metrics = [f"word_{name}" for name in CAPTION_FIELDS]
     return "\n".join(
         [
-            "Scores x 100 on the test split, mean ± standard deviation over the seeds (sample std; 0 with one seed). "
-            f"Own words: mean accuracy of {', '.join(OWN_FIELDS)}; context words: of "
-            f"{', '.join(CONTEXT_FIELDS)} (chance: 25, 14, 17).",
+            (
+                "Scores x 100 on the test split, mean ± standard deviation over the seeds (sample std; 0 with one "
+                f"seed). Own words: mean accuracy of {', '.join(OWN_FIELDS)}; context words: of "
+                f"{', '.join(CONTEXT_FIELDS)} (chance: 25, 14, 17)."
+            ),
             "",
             *render(SUMMARY_METRICS),
             "",
@@ -274,10 +276,12 @@ def write_doc(summary: dict, record: dict) -> None:
     generated = "\n".join(
         [
             TABLE_START,
-            f"Results file: `benchmarks/results/ablation_views.json` ({done} of {planned} trainings done, "
-            f"{record['steps']} optimizer steps each, seeds {record['seeds']}, {record['threads_per_run']} torch "
-            f"thread(s) per training, {record['jobs']} side by side; updated {record['updated']}). "
-            "Validation curves: `docs/images/ablation_views_curves.png`.",
+            (
+                f"Results file: `benchmarks/results/ablation_views.json` ({done} of {planned} trainings done, "
+                f"{record['steps']} optimizer steps each, seeds {record['seeds']}, {record['threads_per_run']} "
+                f"torch thread(s) per training, {record['jobs']} side by side; updated {record['updated']}). "
+                "Validation curves: `docs/images/ablation_views_curves.png`."
+            ),
             "",
             tables(summary),
             TABLE_END,

@@ -12,9 +12,9 @@ os.environ.setdefault("DYNREFER_OPS_BACKEND", "reference")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from launch import run_command
@@ -52,7 +53,7 @@ def test_refcocog_protocol_end_to_end_equals_evaluate_regions(exported, demo, tm
     assert set(metrics) >= {"METEOR", "CIDEr", "Bleu_4", "ROUGE_L"} and metrics["agg_metrics"] == metrics["METEOR"]
 
     # upstream's result file: the ground truth plus pred_result on every annotation
-    gt = json.loads(open(exported["regions"]).read())
+    gt = json.loads(Path(exported["regions"]).read_text())
     result = json.loads((output / "result.json").read_text())
     assert [a["id"] for a in result["annotations"]] == [a["id"] for a in gt["annotations"]]
     prediction = result["annotations"][0]["extra_info"]["pred_result"]
@@ -72,7 +73,7 @@ def test_refcocog_protocol_end_to_end_equals_evaluate_regions(exported, demo, tm
 
 
 def test_dense_captioning_and_region_captioning_layouts(exported, tmp_path, capsys):
-    code, out, err = _eval(
+    code, _, err = _eval(
         capsys, "--task", "vg-densecap", "--annotations", exported["images"], "--output", str(tmp_path / "dense"),
         "--limit", "2",
     )
@@ -81,8 +82,8 @@ def test_dense_captioning_and_region_captioning_layouts(exported, tmp_path, caps
     # ground-truth boxes in, so detection is perfect; captions are mostly right
     assert metrics["detmap"] == 100.0 and 50 < metrics["map"] <= 100 and metrics["num_images"] == 2
     # several regions per image id: the region-captioning protocol refuses it in one line
-    code, out, err = _eval(capsys, "--task", "refcocog", "--rescore", str(tmp_path / "dense" / "result.json"),
-                           "--annotations", exported["images"])
+    code, _, err = _eval(capsys, "--task", "refcocog", "--rescore", str(tmp_path / "dense" / "result.json"),
+                         "--annotations", exported["images"])
     assert code == 2 and "exactly one annotation per image id" in err and len(err.strip().splitlines()) == 1
 
 
@@ -127,7 +128,7 @@ def test_rescore_and_resume(exported, ovad_one_process, tmp_path, capsys):
     shutil.copytree(ovad_one_process, run)
     partial = run / "partial" / "rank0.jsonl"
     lines = partial.read_text().splitlines(keepends=True)
-    annotations = json.loads(open(exported["images"]).read())["annotations"]
+    annotations = json.loads(Path(exported["images"]).read_text())["annotations"]
     last_scene = sum(1 for a in annotations if a["image_id"] == NUM_SCENES)  # one batch per image
     partial.write_text("".join(lines[:-last_scene]) + '{"id": 3, "pred')
     code, out, err = _eval(capsys, "--task", "ovad", "--annotations", exported["images"], "--output",
@@ -169,7 +170,7 @@ def test_user_errors_are_one_line(exported, tmp_path, capsys):
     code, _, err = _eval(capsys, "--task", "coco", "--annotations", exported["images"])
     assert code == 2 and "--output DIR is required" in err
     broken = tmp_path / "broken.json"
-    content = json.loads(open(exported["images"]).read())
+    content = json.loads(Path(exported["images"]).read_text())
     content["annotations"][0]["segmentation"] = [[0, 0, 9999, 0, 9999, 10]]
     broken.write_text(json.dumps(content))
     code, _, err = _eval(capsys, "--task", "coco", "--annotations", str(broken), "--output", str(tmp_path / "o"))

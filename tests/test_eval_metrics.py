@@ -16,8 +16,8 @@ from dynrefer_hf.metrics import (
     dense_caption_map,
     evaluate_module_path,
     interpolated_average_precision,
-    meteor_scores,
     merge_boxes,
+    meteor_scores,
 )
 
 

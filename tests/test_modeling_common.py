@@ -3,13 +3,14 @@ transformers is tested. The mixins come from the installed version's source dist
 Each skipped common test says in one line why it does not apply."""
 
 import unittest
+from typing import ClassVar
 
 import torch
 from tiny import make_tiny_config
+from transformers_common import load_common_tests
 
 from dynrefer_hf.configuration_dynrefer import DynReferConfig
 from dynrefer_hf.modeling_dynrefer import DynReferForRegionCaptioning
-from transformers_common import load_common_tests
 
 test_modeling_common, test_configuration_common = load_common_tests()
 ModelTesterMixin = test_modeling_common.ModelTesterMixin
@@ -106,7 +107,7 @@ class DynReferModelTester:
 class DynReferModelTest(ModelTesterMixin, unittest.TestCase):
     all_model_classes = (DynReferForRegionCaptioning,)
     is_encoder_decoder = True
-    additional_model_inputs = ["view_boxes"]  # the target box in every view: part of the image input
+    additional_model_inputs: ClassVar[list[str]] = ["view_boxes"]  # the target box in every view: part of the image input
     test_resize_embeddings = False  # the language model's embeddings; resizing them is T5's, tested there
 
     def setUp(self):

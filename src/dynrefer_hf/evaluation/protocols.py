@@ -256,4 +256,4 @@ def format_metrics_table(task: str, metrics: dict) -> str:
     header = "| " + " | ".join(n.ljust(w) for n, w in zip(names, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     row = "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
-    return "\n".join([header, rule, row])
+    return f"{header}\n{rule}\n{row}"
