@@ -51,6 +51,7 @@ from dynrefer_hf.shapes import (
     CONTEXT_LABEL_SIZES,
     SHAPES_VOCABULARY,
     context_labels,
+    nearest_shape,
     scene_record,
     shapes_scene,
     sincos_position_embeddings,
@@ -64,6 +65,11 @@ CHANCE = {"relation": 25.0, "neighbour_colour": 100 / 7, "neighbour_class": 100 
 WIDTH = 96
 REGIONS_PER_STEP = 32
 ROI_SIZE = 4
+
+
+def accuracy_metric(word: str, step: int) -> str:
+    """The results-file metric of ``word``'s test accuracy at ``step``."""
+    return f"{word} accuracy at step {step}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +129,8 @@ def neighbour_geometry(
     for index in range(num_scenes):
         scene = shapes_scene("test", index)
         width, height = scene.image.size
-        centres = np.array([obj.centre for obj in scene.objects])
         for i, obj in enumerate(scene.objects):
-            distances = ((centres - centres[i]) ** 2).sum(axis=1)
-            distances[i] = np.inf
-            neighbour = np.array(scene.objects[int(np.argmin(distances))].box, dtype=np.float32)
+            neighbour = np.array(nearest_shape(scene.objects, i).box, dtype=np.float32)
             views = view_boxes(obj.box, grid, width, height)
             holds = (views[:, :2] <= neighbour[:2]).all(axis=1) & (views[:, 2:] >= neighbour[2:]).all(axis=1)
             first = int(np.argmax(holds))  # t = 1 always holds it
@@ -198,9 +201,8 @@ class ContextReadout(torch.nn.Module):
     def forward(self, views: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``views`` uint8 ``[R, S, S, 3]``, ``boxes`` ``[R, 4]`` -> one logits tensor ``[R, n]`` per word."""
         pixels = (views.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
-        tokens = self.vit(pixel_values=pixels).last_hidden_state[
-            :, 1:
-        ]  # [R, g*g, WIDTH] without the class token
+        # [R, g*g, WIDTH]: the patch tokens, without the class token
+        tokens = self.vit(pixel_values=pixels).last_hidden_state[:, 1:]
         grid = views.shape[1] // self.patch_size
         feature_map = tokens.transpose(1, 2).reshape(len(views), WIDTH, grid, grid)
         rois = torch.cat([torch.arange(len(views), dtype=boxes.dtype)[:, None], boxes], dim=1)
@@ -251,7 +253,7 @@ def train_and_score(run: Run, eval_every: int, results: Path) -> str:
                 )
             model.train()
             rows = [
-                (BENCHMARK, run.name, f"{word} accuracy at step {step}", value, "%")
+                (BENCHMARK, run.name, accuracy_metric(word, step), value, "%")
                 for word, value in zip(WORDS, accuracies)
             ]
             rows += [
@@ -268,7 +270,7 @@ def train_and_score(run: Run, eval_every: int, results: Path) -> str:
 
 def finished_runs(results: Path) -> set[str]:
     """The runs whose last step's scores are in ``results``."""
-    last_steps = {run.name: f"own_class accuracy at step {run.steps}" for run in RUNS}
+    last_steps = {run.name: accuracy_metric(WORDS[-1], run.steps) for run in RUNS}
     return {
         row["variant"] for row in read_results(results) if last_steps.get(row["variant"]) == row["metric"]
     }
@@ -280,14 +282,10 @@ def print_table(results: Path, runs: tuple[Run, ...]) -> None:
     print("|---|---|---|---|" + "---|" * len(WORDS))
     for run in runs:
         scores = {row["metric"]: float(row["value"]) for row in rows if row["variant"] == run.name}
-        steps = [
-            int(metric.rsplit(" ", 1)[1])
-            for metric in scores
-            if metric.startswith("own_class accuracy at step")
-        ]
+        steps = [step for step in range(1, run.steps + 1) if accuracy_metric(WORDS[-1], step) in scores]
         if steps:
             step = max(steps)
-            words = " | ".join(f"{scores[f'{word} accuracy at step {step}']:.1f}" for word in WORDS)
+            words = " | ".join(f"{scores[accuracy_metric(word, step)]:.1f}" for word in WORDS)
             print(f"| {run.name} | {run.t} | {run.train_scenes} | {step} | {words} |")
     print("| chance | | | | " + " | ".join(f"{CHANCE[word]:.1f}" for word in WORDS) + " |")
 
@@ -308,16 +306,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.eval_every < 1:
         parser.error(f"--jobs and --eval-every must be >= 1, got {args.jobs} and {args.eval_every}")
+    results = RESULTS / f"{BENCHMARK}.csv"
     if args.geometry:
         rows = neighbour_geometry(RUNS[0].test_scenes, RUNS[0].view_size, RUNS[0].patch_size)
-        append_results(
-            RESULTS / f"{BENCHMARK}.csv", rows, git_commit(), versions("numpy"), machine_description()
-        )
+        append_results(results, rows, git_commit(), versions("numpy"), machine_description())
         for _, _, metric, value, unit in rows:
             print(f"{metric}: {value:.1f} {unit}")
         return
     runs = tuple(run for run in RUNS if args.runs is None or run.name in args.runs)
-    results = RESULTS / f"{BENCHMARK}.csv"
     if args.smoke:
         runs = tuple(dataclasses.replace(run, train_scenes=20, test_scenes=10, steps=20) for run in runs)
         results = RESULTS / f"{BENCHMARK}_smoke.csv"

@@ -37,6 +37,7 @@ __all__ = [
     "context_labels",
     "export_shapes_upstream",
     "generate_scene",
+    "nearest_shape",
     "parse_caption",
     "scene_record",
     "shapes_scene",
@@ -319,7 +320,8 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _nearest(objects: tuple[ShapeObject, ...], index: int) -> ShapeObject:
+def nearest_shape(objects: Sequence[ShapeObject], index: int) -> ShapeObject:
+    """The object nearest to ``objects[index]`` (centre to centre; the first on a tie): the one its caption names."""
     cx, cy = objects[index].centre
     distances = [
         np.inf if other_index == index else (other.centre[0] - cx) ** 2 + (other.centre[1] - cy) ** 2
@@ -332,7 +334,7 @@ def scene_record(scene: ShapesScene, image_id: int) -> dict:
     """The region-schema record (docs/data.md) of ``scene``."""
     captions, tags, attributes = [], [], []
     for index, obj in enumerate(scene.objects):
-        reference = _nearest(scene.objects, index)
+        reference = nearest_shape(scene.objects, index)
         captions.append(
             f"{obj.size} {obj.colour} {obj.texture} {obj.shape} {_relation(obj, reference)} "
             f"{_article(reference.colour)} {reference.colour} {reference.shape}"
