@@ -33,6 +33,7 @@ checks, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    FIELDS,
     RESULTS,
     ROOT,
     append_results,
@@ -115,7 +117,7 @@ SETTINGS = {  # what each size runs; the dry run keeps every code path at tiny s
         # one small test: the plumbing (JUnit report, counts), not the coverage
         "kernel_tests_select": "roi_align_matches_reference_per_dtype and float32",
         "ops_repeats": 1,
-        "full_size": ["--scale", "tiny", "--device", "cpu", "--regions", "1,2"],
+        "full_size": ["--scale", "tiny", "--device", "cpu", "--regions", "1"],
         "backends_regions": 2,
         "caption_tokens": 4,
         "training_regions": 2,
@@ -356,12 +358,11 @@ def part_command(part: str, run: Run, scratch: Path, limit_s: float) -> list[str
 
 
 def merge_rows(run: Run, path: Path) -> int:
-    """Append the rows of another benchmark's CSV to the run's CSV (with this run's commit and machine)."""
-    rows = [
-        (row["benchmark"], row["variant"], row["metric"], float(row["value"]), row["unit"])
-        for row in read_results(path)
-    ]
-    run.append(rows)
+    """Append the rows of another benchmark's CSV to the run's CSV as they are (their commit, versions and
+    machine fields included: they may say more than this run's, e.g. the precision chosen)."""
+    rows = read_results(path)
+    with open(run.csv, "a", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=FIELDS).writerows(rows)
     return len(rows)
 
 
