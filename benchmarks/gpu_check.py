@@ -283,6 +283,11 @@ def child_environment(dry_run: bool) -> dict[str, str]:
     return env
 
 
+# A child gets a process group of its own (killed as a whole at its limit) but stays in this session, so
+# that whoever ends this process's session (a terminal, a batch runner) ends the children too.
+NEW_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
 def run_child(command: list[str], env: dict[str, str], limit_s: float, log: Path, part: str) -> str:
     """Run ``command`` in its own process group, its output copied to stdout and ``log``; kill the whole group
     after ``limit_s``. Returns ``done``, ``failed (exit N)`` or ``timeout``."""
@@ -291,7 +296,7 @@ def run_child(command: list[str], env: dict[str, str], limit_s: float, log: Path
         handle.flush()
         process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
+            **NEW_PROCESS_GROUP,
         )  # fmt: skip
 
         def copy_output() -> None:
@@ -512,6 +517,8 @@ def parse_budgets(items: list[str]) -> dict[str, float]:
 def run_parts(args) -> int:
     """The parent: probe the device, then every part in turn within its budget and the total."""
     started = time.monotonic()
+    # SIGTERM (a runner's time limit) unwinds like Ctrl-C, so the running part's process group is killed too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     budgets = parse_budgets(args.budget)
     wanted = args.parts.split(",") if args.parts else list(PART_NAMES)
     unknown = sorted(set(wanted) - set(PART_NAMES))
