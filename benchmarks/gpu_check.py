@@ -243,10 +243,10 @@ def vit_flops_per_view(vision_config) -> float:
 class Run:
     """The results folder and the bookkeeping shared by the parts."""
 
-    def __init__(self, folder: Path, info: dict, dry_run: bool, model: Path | None):
+    def __init__(self, folder: Path, info: dict, dry_run: bool, model: Path | None, commit: str | None):
         self.folder, self.info, self.dry_run, self.model = folder, info, dry_run, model
         self.csv, self.log = folder / CSV_NAME, folder / LOG_NAME
-        self.commit = git_commit()
+        self.commit = commit or git_commit()
         self.versions = versions(*PACKAGES)
         self.machine = machine_description(f"GPU {info['gpu']}; driver {info['driver']}")
         self.parts: dict[str, dict] = {}
@@ -359,14 +359,18 @@ def part_command(part: str, run: Run, scratch: Path, limit_s: float) -> list[str
                    "--time-limit", f"{0.75 * limit_s:.0f}"]  # fmt: skip
         return command + (["--model", str(run.model)] if run.model else [])
     command = [python, str(Path(__file__).resolve()), "--child", part, "--output-dir", str(run.folder)]
-    command += ["--dry-run"] if run.dry_run else []
+    command += ["--commit", run.commit] + (["--dry-run"] if run.dry_run else [])
     return command + (["--model", str(run.model)] if run.model else [])
 
 
 def merge_rows(run: Run, path: Path) -> int:
     """Append the rows of another benchmark's CSV to the run's CSV as they are (their commit, versions and
-    machine fields included: they may say more than this run's, e.g. the precision chosen)."""
+    machine fields included: they may say more than this run's, e.g. the precision chosen), except an
+    ``unknown`` commit (a copy without .git), which becomes the run's."""
     rows = read_results(path)
+    for row in rows:
+        if row["commit"] == "unknown":
+            row["commit"] = run.commit
     with open(run.csv, "a", newline="") as handle:
         csv.DictWriter(handle, fieldnames=FIELDS).writerows(rows)
     return len(rows)
@@ -542,7 +546,7 @@ def run_parts(args) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     for stale in (CSV_NAME, SUMMARY_NAME, LOG_NAME, JUNIT_NAME):
         (folder / stale).unlink(missing_ok=True)
-    run = Run(folder, info, args.dry_run, args.model)
+    run = Run(folder, info, args.dry_run, args.model, args.commit)
     print(f"device: {info['gpu']} (driver {info['driver']}); results: {folder}")
     run.append([
         ("device", "matmul_bf16", "measured_tflop_s", info["measured_bf16_tflop_s"], "TFLOP/s"),
@@ -811,7 +815,7 @@ def run_child_part(args) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     info = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"}
     info["driver"] = driver_version() if device.type == "cuda" else "none"
-    run = Run(args.output_dir, info, args.dry_run, args.model)
+    run = Run(args.output_dir, info, args.dry_run, args.model, args.commit)
     {"backends": child_backends, "training": child_training}[args.child](args, run, device)
     return 0
 
@@ -838,6 +842,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--model", type=Path, help="a converted DynRefer folder instead of random released-size weights"
+    )
+    parser.add_argument(
+        "--commit",
+        help="the commit to record (default: git's; a copy without .git, as on a device, says unknown)",
     )
     parser.add_argument("--child", choices=("backends", "training"), help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", type=Path, help=argparse.SUPPRESS)

@@ -26,5 +26,9 @@ wheels=(
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$dest" "${wheels[@]}"
+# the device's copy of the tree has no .git: the command there records this commit (--commit "$(cat .whl/COMMIT)")
+commit=$(git rev-parse --short HEAD)
+git diff --quiet HEAD -- || commit="$commit+dirty"
+echo "$commit" >"$dest/COMMIT"
 ls -l "$dest"
 du -sh "$dest"

@@ -101,7 +101,17 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
 
 def test_budget_guard_skips_a_part_without_time_and_says_so(tmp_path, capsys):
     code = gpu_check.main(
-        ["--dry-run", "--parts", "training", "--time-limit", "1", "--results-root", str(tmp_path)]
+        [
+            "--dry-run",
+            "--parts",
+            "training",
+            "--time-limit",
+            "1",
+            "--results-root",
+            str(tmp_path),
+            "--commit",
+            "abc1234",
+        ]
     )
     assert code == 1
     assert "SKIPPED training" in capsys.readouterr().out
@@ -110,6 +120,7 @@ def test_budget_guard_skips_a_part_without_time_and_says_so(tmp_path, capsys):
     assert summary["parts"]["kernel_tests"] == {"status": "not asked for"}
     rows = _read_csv(tmp_path / "cpu-dry-run" / "gpu_check.csv")
     assert {r["benchmark"] for r in rows} == {"device"}  # the probe's measurements were kept
+    assert {r["commit"] for r in rows} == {"abc1234"} and summary["commit"] == "abc1234"  # as told (no .git)
 
 
 def test_a_part_over_its_limit_is_killed_with_its_children(tmp_path):
