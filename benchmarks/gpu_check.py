@@ -11,8 +11,8 @@ Parts, in order, each in a child process with its own time limit (``--budget PAR
   grid dimension, atomic and deterministic backward, ``torch.library.opcheck`` of the Triton operators.
 * ``ops_bench``: ``benchmarks/bench_ops.py`` at DynRefer's shapes: Triton vs the reference vs torchvision's
   ``roi_align``, forward and forward+backward, achieved bandwidth as a share of the card's.
-* ``full_size``: ``benchmarks/bench_full_size.py --device cuda --precisions upstream --regions 1,8,32,128``
-  (the released architecture); every ``regions_per_s`` row gets a ``vit_flop_limit_share`` row: regions/s
+* ``full_size``: ``benchmarks/bench_full_size.py --device cuda --precisions upstream --decoding beam
+  --regions 128,32,8,1`` (the released architecture, upstream's precision and decoding); every ``regions_per_s`` row gets a ``vit_flop_limit_share`` row: regions/s
   over the limit set by the ViT's FLOPs for the 3 views of a region at the card's bf16 peak.
 * ``backends``: the released architecture (random weights, upstream's precision) captions the same regions
   with the reference ops and with the Triton kernels: same tokens, scores within bf16 tolerance.
@@ -108,7 +108,8 @@ SETTINGS = {  # what each size runs; the dry run keeps every code path at tiny s
     "gpu": {
         "kernel_tests_select": None,  # the whole file
         "ops_repeats": 20,
-        "full_size": ["--scale", "full", "--device", "cuda", "--regions", "1,8,32,128"],
+        # the target's 128 regions first: a part cut short by its limit loses the small calls
+        "full_size": ["--scale", "full", "--device", "cuda", "--regions", "128,32,8,1"],
         "backends_regions": 16,
         "caption_tokens": 20,
         "training_regions": 32,
