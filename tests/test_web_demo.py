@@ -97,7 +97,7 @@ def test_demo_command_without_gradio_says_what_to_install(monkeypatch, capsys):
     assert main(["demo"]) == 2
     error = capsys.readouterr().err.strip()
     assert error == (
-        "dynrefer demo: the web demo needs Gradio (gradio>=5.0,<6), which is not installed: "
+        "dynrefer demo: the web demo needs Gradio (gradio>=6,<7), which is not installed: "
         "pip install 'dynrefer_hf[demo]'"
     )
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import PIL.Image
 
-GRADIO_REQUIREMENT = "gradio>=5.0,<6"
+GRADIO_REQUIREMENT = "gradio>=6,<7"
 _INSTALL_HINT = "pip install 'dynrefer_hf[demo]'"
 
 try:
@@ -28,7 +28,7 @@ except ImportError as error:
     raise ImportError(
         f"the web demo needs Gradio ({GRADIO_REQUIREMENT}), which is not installed: {_INSTALL_HINT}"
     ) from error
-if gr.__version__.split(".")[0] != "5":
+if gr.__version__.split(".")[0] != "6":
     raise ImportError(
         f"the web demo needs {GRADIO_REQUIREMENT}, found gradio {gr.__version__}: {_INSTALL_HINT}"
     )
@@ -60,10 +60,6 @@ _BOARD_SIDE = 1024
 _BOARD_FIT = (720, 600)
 # How many attributes the table shows per region.
 _TOP_ATTRIBUTES = 3
-
-# Options for `gr.Blocks.launch` shared by `dynrefer demo` and app.py: exception messages (never
-# tracebacks) on the page, and uploads bounded before they reach `open_picture`.
-LAUNCH_OPTIONS = {"show_error": True, "max_file_size": "50mb"}
 
 TABLE_HEADERS = ["#", "box", "caption", "score", "class", "tags", "top attributes"]
 
@@ -203,6 +199,11 @@ _BOARD_JS = r"""
   }, 150);
 }
 """.replace("__COLORS__", json.dumps([list(color) for color in REGION_COLORS]))
+
+# Options for `gr.Blocks.launch` shared by `dynrefer demo` and app.py: the board's style and script
+# (Gradio 6 takes them at launch), exception messages (never tracebacks) on the page, and uploads bounded
+# before they reach `open_picture`.
+LAUNCH_OPTIONS = {"show_error": True, "max_file_size": "50mb", "css": _CSS, "js": _BOARD_JS}
 
 
 class _PictureError(ValueError):
@@ -360,9 +361,7 @@ def build_demo(
     if model_name == DEFAULT_MODEL[0]:
         model_name = "the demonstration model shipped in the package (trained on synthetic shapes scenes)"
 
-    with gr.Blocks(
-        title="DynRefer: describe image regions", css=_CSS, js=_BOARD_JS, analytics_enabled=False
-    ) as demo:
+    with gr.Blocks(title="DynRefer: describe image regions", analytics_enabled=False) as demo:
         gr.Markdown(
             "## DynRefer: describe image regions\n"
             "Upload a picture (or pick an example), drag boxes on it, press **Describe**: every region gets a "

@@ -35,6 +35,7 @@ from transformers.utils import logging
 
 from ..image_processing_dynrefer import to_rgb_array
 from ..pretrained import SHAPES_DEMO_PATH
+from ..segmentation import PointSegmenter, mask_to_rle, region_points
 from ..validation import (
     DEFAULT_DOWNLOAD_TIMEOUT,
     binary_masks,
@@ -274,11 +275,19 @@ class RegionCaptioningPipeline(ChunkPipeline):
 
         pipe(image, boxes=[[x1, y1, x2, y2], ...])       # -> [region result, ...]
         pipe(image, masks=bool_array_n_h_w)              # regions as masks
+        pipe(image, points=[[120, 80]], segmenter="facebook/sam-vit-base")  # regions as clicks
         pipe([image_a, image_b], boxes=[boxes_a, boxes_b])  # -> [[...], [...]]
         pipe([{"image": image_a, "boxes": boxes_a, "controls": "red"}, ...])
 
     Keyword arguments:
         boxes / masks: the regions of each image, xyxy pixel boxes [N, 4] or boolean masks [N, H, W].
+        points / point_labels: the regions as clicks, ``[[x, y], ...]`` pixels, a list of points per
+            region for several, with labels 1 (on the object, default) or 0 (not on it); the segmenter
+            makes one mask per region (``segmentation.region_points``), described as ``masks`` are.
+        segmenter: a SAM / SAM 2 folder or Hub id (or a ``segmentation.PointSegmenter``) for ``points``;
+            also a ``pipeline(...)`` argument, which loads it once, on the pipeline's device and dtype.
+        return_masks: add each region's mask as COCO run-length encoding (``"mask"``: {"size", "counts"},
+            ``pycocotools.mask.decode`` reads it); needs ``masks`` or ``points``.
         controls: user control words put before the predicted tags in the control prompt: a
             comma-separated string or a list of words for every region, or a list with one string
             or list of words per region.
@@ -312,8 +321,9 @@ class RegionCaptioningPipeline(ChunkPipeline):
     _load_tokenizer = True
     _pipeline_calls_generate = True
 
-    def __init__(self, *args, allow_missing_weights: bool = False, **kwargs):
+    def __init__(self, *args, allow_missing_weights: bool = False, segmenter=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.segmenter = None if segmenter is None else self._load_segmenter(segmenter)
         missing = list(getattr(self.model, "missing_weights", None) or [])
         if missing and not check_bool("allow_missing_weights", allow_missing_weights):
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -340,9 +350,25 @@ class RegionCaptioningPipeline(ChunkPipeline):
         self.tokenizer.save_pretrained(save_directory, **kwargs)
         self.image_processor.save_pretrained(save_directory, **kwargs)
 
-    def __call__(self, images, boxes=None, masks=None, controls=None, batch_size=None, **kwargs):
+    def __call__(
+        self,
+        images,
+        boxes=None,
+        masks=None,
+        controls=None,
+        batch_size=None,
+        points=None,
+        point_labels=None,
+        segmenter=None,
+        return_masks=False,
+        **kwargs,
+    ):
         """Describe the regions of one image (returns a list of region results) or of a list of images
         (returns one such list per image). See the class docstring for the arguments."""
+        if points is not None or point_labels is not None:
+            images, masks = self._segment_points(images, boxes, masks, points, point_labels, segmenter, kwargs)
+        elif segmenter is not None:
+            raise ValueError("segmenter= is used with points=: give the points to segment")
         region_batch_size = (
             batch_size if batch_size is not None else self._batch_size or DEFAULT_REGION_BATCH_SIZE
         )
@@ -360,13 +386,66 @@ class RegionCaptioningPipeline(ChunkPipeline):
             raise ValueError(
                 "progress_bar needs a single image or a list of images, not a dataset or generator"
             )
+        if check_bool("return_masks", return_masks) and (
+            items is None or any(item.get("masks") is None for item in items)
+        ):
+            raise ValueError("return_masks=True needs the regions of every image as masks= or points=")
         try:
-            return super().__call__(
+            results = super().__call__(
                 inputs, batch_size=1, region_batch_size=region_batch_size, progress=progress, **kwargs
             )
         finally:
             if progress is not None:
                 progress.close()
+        if return_masks:
+            per_image = [results] if isinstance(inputs, dict) else results
+            for item, image_results in zip(items, per_image):
+                for result, mask in zip(image_results, _as_masks(item["masks"])):
+                    result["mask"] = mask_to_rle(mask)
+        return results
+
+    def _load_segmenter(self, segmenter):
+        """A ``PointSegmenter`` as given, or loaded from a folder or Hub id on the pipeline's device and dtype."""
+        if isinstance(segmenter, PointSegmenter):
+            return segmenter
+        if not isinstance(segmenter, (str, os.PathLike)):
+            raise TypeError(
+                f"segmenter must be a SAM / SAM 2 folder or Hub id or a PointSegmenter, got {type(segmenter).__name__}"
+            )
+        return PointSegmenter.from_pretrained(segmenter, device=self.device, dtype=self.dtype)
+
+    def _segment_points(self, images, boxes, masks, points, point_labels, segmenter, kwargs):
+        """The images (loaded) and one mask per region from the segmenter, for ``points``/``point_labels``."""
+        if boxes is not None or masks is not None:
+            raise ValueError("give the regions as boxes, masks or points, only one of them")
+        if points is None:
+            raise ValueError("point_labels is given without points: pass points=[[x, y], ...] (pixels)")
+        segmenter = self.segmenter if segmenter is None else self._load_segmenter(segmenter)
+        if segmenter is None:
+            raise ValueError(
+                "points need a segmenter: pass segmenter= (a SAM / SAM 2 folder or Hub id, e.g. "
+                "facebook/sam-vit-base) to pipeline(...) or to the call"
+            )
+        several = isinstance(images, (list, tuple))
+        image_list, points_list = (images, points) if several else ([images], [points])
+        labels_list = point_labels if several and point_labels is not None else [point_labels] * len(image_list)
+        if several and not (len(points) == len(image_list) and len(labels_list) == len(image_list)):
+            raise ValueError(
+                f"points (and point_labels) must hold one entry per image: got {len(points)} for {len(image_list)} images"
+            )
+        loaded = [
+            load_rgb_image(
+                image,
+                timeout=kwargs.get("timeout", DEFAULT_DOWNLOAD_TIMEOUT),
+                exif_orientation=kwargs.get("exif_orientation", True),
+            )
+            for image in image_list
+        ]
+        masks = [
+            segmenter(image, region_points(image_points, image_labels))
+            for image, image_points, image_labels in zip(loaded, points_list, labels_list)
+        ]
+        return (loaded, masks) if several else (loaded[0], masks[0])
 
     @staticmethod
     def _gather_inputs(images, boxes, masks, controls):
