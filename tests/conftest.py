@@ -31,3 +31,11 @@ def tiny_region_captioner(tmp_path_factory) -> Path:
     from tiny import save_tiny_region_captioner
 
     return save_tiny_region_captioner(tmp_path_factory.mktemp("tiny_region_captioner"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sam(tmp_path_factory) -> Path:
+    """A folder holding a saved tiny, randomly initialised SAM and its processor (``tiny.save_tiny_sam``)."""
+    from tiny import save_tiny_sam
+
+    return save_tiny_sam(tmp_path_factory.mktemp("tiny_sam"))

@@ -156,3 +156,43 @@ def make_tiny_clip_tokenizer():
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     pieces = alphabet + [char + "</w>" for char in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
     return CLIPTokenizer(vocab={piece: index for index, piece in enumerate(pieces)}, merges=[])
+
+
+def save_tiny_sam(folder, seed: int = 0):
+    """Save a randomly initialised tiny SAM (64-pixel input, 16-wide layers) and its processor to ``folder``:
+    a segmenter for ``points=`` that loads like ``facebook/sam-vit-base`` (``segmentation.PointSegmenter``)."""
+    import torch
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+
+    torch.manual_seed(seed)
+    config = SamConfig(
+        vision_config={
+            "hidden_size": 16,
+            "output_channels": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 8,
+            "mlp_dim": 32,
+            "global_attn_indexes": [0],
+            "window_size": 4,
+            "num_pos_feats": 8,
+        },
+        prompt_encoder_config={"hidden_size": 16, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
+        mask_decoder_config={
+            "hidden_size": 16,
+            "mlp_dim": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "iou_head_hidden_dim": 16,
+        },
+    )
+    SamModel(config).save_pretrained(folder)
+    image_processor = SamImageProcessor(
+        size={"longest_edge": 64},
+        pad_size={"height": 64, "width": 64},
+        mask_size={"longest_edge": 16},
+        mask_pad_size={"height": 16, "width": 16},
+    )
+    SamProcessor(image_processor).save_pretrained(folder)
+    return folder
