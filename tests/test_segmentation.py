@@ -4,6 +4,10 @@ The segmenter is a tiny, randomly initialised SAM saved to a folder (``tiny.save
 mean nothing, but they are the masks a SAM model returns for those points, which is what is checked.
 """
 
+import json
+import re
+from contextlib import nullcontext
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -12,8 +16,10 @@ from pycocotools import mask as mask_utils
 from transformers import SamModel, SamProcessor, pipeline
 
 from dynrefer_hf.app import EXAMPLES
+from dynrefer_hf.cli import main
 from dynrefer_hf.segmentation import PointSegmenter, mask_to_rle, region_points
 from dynrefer_hf.views import mask_to_box
+from dynrefer_hf.visualize import region_color
 
 IMAGE_PATH = EXAMPLES[2][0]  # a 377x376 shapes scene
 POINTS = [[100, 340], [200, 320], [190, 75]]
@@ -45,7 +51,9 @@ def _sam_alone(folder, image, points, labels):
             input_points=inputs["input_points"],
             input_labels=inputs["input_labels"],
         )
-    masks = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])
+    masks = processor.post_process_masks(
+        outputs.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"]
+    )
     return masks[0][0, outputs.iou_scores[0, 0].argmax()].numpy()
 
 
@@ -116,12 +124,17 @@ def test_an_empty_mask_from_the_segmenter_is_refused(tiny_sam, image):
         for mlp in segmenter.model.mask_decoder.output_hypernetworks_mlps:
             mlp.proj_out.weight.zero_()
             mlp.proj_out.bias.zero_()
-    with pytest.raises(ValueError, match=r"found no object at the points of region 0 \(\[\[10.0, 10.0\]\]\): its mask is empty"):
+    with pytest.raises(
+        ValueError,
+        match=r"found no object at the points of region 0 \(\[\[10.0, 10.0\]\]\): its mask is empty",
+    ):
         segmenter(image, region_points([[10, 10]]))
 
 
 def test_a_segmenter_that_is_not_sam_is_refused(tiny_region_captioner, tmp_path):
-    with pytest.raises(ValueError, match="is a 'dynrefer' model; a segmenter must be one of transformers' 'sam' or 'sam2'"):
+    with pytest.raises(
+        ValueError, match="is a 'dynrefer' model; a segmenter must be one of transformers' 'sam' or 'sam2'"
+    ):
         PointSegmenter.from_pretrained(tiny_region_captioner)
     with pytest.raises(ValueError, match="is not a model folder or Hub id that can be loaded"):
         PointSegmenter.from_pretrained(tmp_path)
@@ -133,5 +146,40 @@ def test_points_need_a_segmenter_and_one_kind_of_region(tiny_region_captioner, d
         without(image, points=POINTS)
     with pytest.raises(ValueError, match="give the regions as boxes, masks or points, only one of them"):
         describe(image, boxes=[[0, 0, 10, 10]], points=POINTS)
-    with pytest.raises(ValueError, match="return_masks=True needs the regions of every image as masks= or points="):
+    with pytest.raises(
+        ValueError, match="return_masks=True needs the regions of every image as masks= or points="
+    ):
         describe(image, boxes=[[0, 0, 10, 10]], return_masks=True)
+
+
+# ---------------------------------------------------------------------------------------- the command
+
+
+def test_caption_command_describes_clicks_and_draws_masks_and_clicks(
+    tiny_region_captioner, tiny_sam, describe, image, tmp_path, capsys
+):
+    drawn = tmp_path / "clicks.png"
+    arguments = ["caption", IMAGE_PATH, "--model", str(tiny_region_captioner), "--segmenter", str(tiny_sam)]
+    arguments += ["--point", "100,340", "--point", "190,75", "--json", "--draw", str(drawn), "--quiet"]
+    assert main(arguments) == 0
+    regions = json.loads(capsys.readouterr().out)["regions"]
+    expected = describe(image, points=[POINTS[0], POINTS[2]], return_masks=True, attribute_top_k=3)
+    assert regions == expected
+    picture = np.asarray(PIL.Image.open(drawn).convert("RGB"))
+    for number, (x, y) in enumerate([POINTS[0], POINTS[2]]):  # each click is a dot of its region's colour
+        assert tuple(picture[y, x]) == region_color(number)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--point", "10,10"], "--point needs --segmenter MODEL"),
+        (["--point", "10,10", "--box", "1,1,5,5", "--segmenter", "x"], "give the regions as --box or as --point"),
+        (["--point", "377,10", "--segmenter", "x"], r"point \(377, 10\) of region 0 is outside the 377x376 image"),
+        (["--point", "10;10", "--segmenter", "x"], "'10;10' is not a point: write x,y"),
+    ],
+)
+def test_caption_command_refuses_bad_clicks_in_one_line(arguments, message, capsys):
+    with pytest.raises(SystemExit) if "not a point" in message else nullcontext():
+        assert main(["caption", IMAGE_PATH, *arguments]) == 2
+    assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])

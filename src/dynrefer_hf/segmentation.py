@@ -20,7 +20,14 @@ import numpy as np
 import PIL.Image
 import torch
 
-__all__ = ["SEGMENTER_TYPES", "PointSegmenter", "RegionPoints", "mask_to_rle", "region_points"]
+__all__ = [
+    "SEGMENTER_TYPES",
+    "PointSegmenter",
+    "RegionPoints",
+    "check_points_inside",
+    "mask_to_rle",
+    "region_points",
+]
 
 # The transformers model types a segmenter may be: (model class, processor class) by name.
 SEGMENTER_TYPES = {"sam": ("SamModel", "SamProcessor"), "sam2": ("Sam2Model", "Sam2Processor")}
@@ -51,16 +58,22 @@ def region_points(points, point_labels=None) -> list[RegionPoints]:
     if isinstance(points, np.ndarray):
         points = points.tolist()
     if not isinstance(points, Sequence) or isinstance(points, str) or len(points) == 0:
-        raise ValueError(f"points must be a non-empty list of [x, y] pixels (or of lists of them), got {points!r}")
+        raise ValueError(
+            f"points must be a non-empty list of [x, y] pixels (or of lists of them), got {points!r}"
+        )
     if isinstance(point_labels, np.ndarray):
         point_labels = point_labels.tolist()
-    if point_labels is not None and (not isinstance(point_labels, Sequence) or len(point_labels) != len(points)):
+    if point_labels is not None and (
+        not isinstance(point_labels, Sequence) or len(point_labels) != len(points)
+    ):
         raise ValueError(f"point_labels must hold one entry per region ({len(points)}), got {point_labels!r}")
     regions = []
     for number, region in enumerate(points):
         region = [region] if _is_point(region) else region
         if not isinstance(region, Sequence) or not region or not all(_is_point(item) for item in region):
-            raise ValueError(f"points of region {number} must be [x, y] pixels or a list of them, got {region!r}")
+            raise ValueError(
+                f"points of region {number} must be [x, y] pixels or a list of them, got {region!r}"
+            )
         labels = [1] * len(region) if point_labels is None else point_labels[number]
         labels = labels if isinstance(labels, Sequence) else [labels]
         if len(labels) != len(region):
@@ -84,6 +97,17 @@ def _is_point(item) -> bool:
         and len(item) == 2
         and all(isinstance(value, (int, float, np.number)) and not isinstance(value, bool) for value in item)
     )
+
+
+def check_points_inside(regions: Sequence[RegionPoints], width: int, height: int) -> None:
+    """Raise a ``ValueError`` naming the first point not on a pixel of a ``width`` x ``height`` image."""
+    for number, region in enumerate(regions):
+        for x, y in region.points:
+            if not (0 <= x < width and 0 <= y < height):
+                raise ValueError(
+                    f"point ({x:g}, {y:g}) of region {number} is outside the {width}x{height} image: "
+                    f"x must be in [0, {width}) and y in [0, {height})"
+                )
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:
@@ -126,13 +150,17 @@ class PointSegmenter:
         try:
             config = transformers.AutoConfig.from_pretrained(name, **kwargs)
         except (OSError, ValueError) as error:
-            raise ValueError(f"segmenter {name!r} is not a model folder or Hub id that can be loaded: {error}") from None
+            raise ValueError(
+                f"segmenter {name!r} is not a model folder or Hub id that can be loaded: {error}"
+            ) from None
         if config.model_type not in SEGMENTER_TYPES:
             raise ValueError(
                 f"segmenter {name!r} is a {config.model_type!r} model; a segmenter must be one of transformers' "
                 f"{' or '.join(repr(kind) for kind in SEGMENTER_TYPES)} models (e.g. facebook/sam-vit-base)"
             )
-        model_class, processor_class = (getattr(transformers, part) for part in SEGMENTER_TYPES[config.model_type])
+        model_class, processor_class = (
+            getattr(transformers, part) for part in SEGMENTER_TYPES[config.model_type]
+        )
         model = model_class.from_pretrained(name, dtype=dtype, **kwargs)
         processor = processor_class.from_pretrained(name, **kwargs)
         return cls(model.to(device) if device is not None else model, processor)
@@ -148,18 +176,9 @@ class PointSegmenter:
         Raises:
             ValueError: a point outside the image, or a region whose mask is empty.
         """
-        width, height = image.size
-        for number, region in enumerate(regions):
-            for x, y in region.points:
-                if not (0 <= x < width and 0 <= y < height):
-                    raise ValueError(
-                        f"point ({x:g}, {y:g}) of region {number} is outside the {width}x{height} image: "
-                        f"x must be in [0, {width}) and y in [0, {height})"
-                    )
+        check_points_inside(regions, *image.size)
         most = max(len(region.points) for region in regions)
-        points = [
-            region.points.tolist() + [[0.0, 0.0]] * (most - len(region.points)) for region in regions
-        ]
+        points = [region.points.tolist() + [[0.0, 0.0]] * (most - len(region.points)) for region in regions]
         labels = [region.labels.tolist() + [_PAD_LABEL] * (most - len(region.labels)) for region in regions]
         inputs = self.processor(
             images=image, input_points=[points], input_labels=[labels], return_tensors="pt"
@@ -172,7 +191,9 @@ class PointSegmenter:
         }
         outputs = self.model(**inputs, multimask_output=True)
         sizes = (original_sizes,) if reshaped_sizes is None else (original_sizes, reshaped_sizes)
-        candidates = self.processor.post_process_masks(outputs.pred_masks.float().cpu(), *sizes)[0]  # [N, 3, H, W]
+        candidates = self.processor.post_process_masks(outputs.pred_masks.float().cpu(), *sizes)[
+            0
+        ]  # [N, 3, H, W]
         best = outputs.iou_scores[0].float().argmax(dim=-1).cpu()  # [N]
         masks = candidates[torch.arange(len(regions)), best].numpy().astype(bool)
         for number, mask in enumerate(masks):

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import PIL.Image
-from PIL import ImageDraw, ImageFont
+from PIL import ImageDraw, ImageFilter, ImageFont
 
-__all__ = ["REGION_COLORS", "draw_regions", "draw_views", "region_color"]
+__all__ = ["REGION_COLORS", "draw_clicks", "draw_regions", "draw_views", "region_color"]
 
 # Distinct, saturated colours (Tableau 10), cycled over the regions.
 REGION_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -144,6 +144,46 @@ def draw_regions(
         text = _fit_text(draw, _caption_text(index, result, True), font, canvas.width - swatch - 12)
         draw.text((swatch + 8, top), text, fill="black", font=font)
     return picture
+
+
+def draw_clicks(
+    image: PIL.Image.Image,
+    masks: np.ndarray,
+    points: Sequence[Sequence[Sequence[float]]],
+    point_labels: Sequence[Sequence[int]] | None = None,
+) -> PIL.Image.Image:
+    """A copy of ``image`` with every region's mask tinted and outlined and its clicks marked.
+
+    Region ``i`` is drawn in ``region_color(i)``, as ``draw_regions`` draws its box, so that
+    ``draw_regions(draw_clicks(image, masks, points), results)`` shows clicks, masks and captions together.
+
+    Args:
+        masks: boolean masks [N, H, W], one per region (the segmenter's, or the pipeline's ``"mask"`` decoded).
+        points: the clicks of each region, ``[[[x, y], ...], ...]`` in pixels.
+        point_labels: 1 (on the object, a filled dot) or 0 (not on it, a cross) per click; default all 1.
+    """
+    canvas = image.convert("RGB")
+    line_width = max(2, round(min(canvas.size) / 200))
+    radius = max(4, round(min(canvas.size) / 80))
+    for index, mask in enumerate(np.asarray(masks, dtype=bool)):
+        color = region_color(index)
+        inside = PIL.Image.fromarray(mask.astype(np.uint8) * 255)
+        # The outline: the mask minus the mask shrunk by the line width.
+        shrunk = inside.filter(ImageFilter.MinFilter(2 * line_width + 1))
+        outline = PIL.Image.fromarray(np.asarray(inside) & ~np.asarray(shrunk))
+        canvas.paste(PIL.Image.blend(canvas, PIL.Image.new("RGB", canvas.size, color), 0.35), mask=inside)
+        canvas.paste(color, mask=outline)
+    draw = ImageDraw.Draw(canvas)
+    for index, region in enumerate(points):
+        labels = [1] * len(region) if point_labels is None else point_labels[index]
+        for (x, y), label in zip(region, labels):
+            corners = (x - radius, y - radius, x + radius, y + radius)
+            if label:
+                draw.ellipse(corners, fill=region_color(index), outline="white", width=max(1, radius // 3))
+            else:
+                draw.line(corners, fill="white", width=max(2, radius // 2))
+                draw.line((x - radius, y + radius, x + radius, y - radius), fill="white", width=max(2, radius // 2))
+    return canvas
 
 
 def draw_views(

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .common import add_model_loading_options, count, number, parse_box
+from .common import add_model_loading_options, count, number, parse_box, parse_point
 from .errors import CommandError
 
 __all__ = ["format_table", "register"]
@@ -36,6 +36,20 @@ def register(subparsers) -> None:
             "the crops, boxes at most 1 px wide or high widened to 1 px; negative values are fine "
             "(--box -5,3,20,40)"
         ),
+    )
+    # Regions as clicks: a SAM / SAM 2 segmenter turns each point into a mask, described as --box regions are.
+    parser.add_argument(
+        "--point",
+        dest="points",
+        action="append",
+        type=parse_point,
+        metavar="X,Y",
+        help="a region as a click in pixels (repeat for several regions); needs --segmenter",
+    )
+    parser.add_argument(
+        "--segmenter",
+        metavar="MODEL",
+        help="SAM / SAM 2 folder or Hub id that makes each --point a mask (e.g. facebook/sam-vit-base)",
     )
     parser.add_argument("--model", help="model folder or Hub id (default: the package's default model)")
     parser.add_argument("--controls", help="comma-separated control words put before the predicted tags")
@@ -81,12 +95,21 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..pipelines.region_captioning import load_rgb_image
+    from ..segmentation import check_points_inside, region_points
     from ..validation import DEFAULT_DOWNLOAD_TIMEOUT, checked_region_box
-    from ..visualize import draw_regions, draw_views
+    from ..visualize import draw_clicks, draw_regions, draw_views
     from .common import load_region_captioner, model_or_default
 
-    if not args.boxes:
-        raise CommandError("no regions given: add at least one --box x1,y1,x2,y2 (pixels)")
+    if not args.boxes and not args.points:
+        raise CommandError("no regions given: add at least one --box x1,y1,x2,y2 or --point x,y (pixels)")
+    if args.boxes and args.points:
+        raise CommandError("give the regions as --box or as --point, not both")
+    if args.points and not args.segmenter:
+        raise CommandError(
+            "--point needs --segmenter MODEL: a SAM / SAM 2 folder or Hub id (e.g. facebook/sam-vit-base)"
+        )
+    if args.segmenter and not args.points:
+        raise CommandError("--segmenter is used with --point: give the points to segment")
     for option, path in (("--draw", args.draw), ("--show-views", args.show_views)):
         if path is not None:
             _check_picture_path(option, path)
@@ -96,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
             timeout=DEFAULT_DOWNLOAD_TIMEOUT if args.timeout is None else args.timeout,
             exif_orientation=not args.ignore_exif_orientation,
         )
-        for box in args.boxes:  # the pipeline's own rule, checked before the model is loaded
+        for box in args.boxes or []:  # the pipeline's own rule, checked before the model is loaded
             checked_region_box(box, image.width, image.height, where="--box")
+        check_points_inside(region_points(args.points or [[0, 0]]), image.width, image.height)
     except (OSError, ValueError) as error:
         raise CommandError(str(error)) from None
 
@@ -112,7 +136,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = describe(
             image,
-            boxes=args.boxes,
+            **(
+                {"points": args.points, "segmenter": args.segmenter, "return_masks": True}
+                if args.points
+                else {"boxes": args.boxes}
+            ),
             controls=args.controls,
             batch_size=args.batch_size,
             tag_threshold=args.tag_threshold,
@@ -124,7 +152,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
 
     if args.draw:
-        draw_regions(image, results, legend=args.legend).save(args.draw)
+        clicked = image
+        if args.points:  # the masks the clicks made, under the boxes and captions
+            clicked = draw_clicks(image, _decoded_masks(results), [[point] for point in args.points])
+        draw_regions(clicked, results, legend=args.legend).save(args.draw)
         print(f"wrote {args.draw}", file=sys.stderr)
     if args.show_views:
         draw_views(
@@ -157,6 +188,15 @@ def _check_picture_path(option: str, path: str) -> None:
         raise CommandError(f"{option} {path}: the folder {target.parent} does not exist")
     if target.suffix.lower() not in Image.registered_extensions():
         raise CommandError(f"{option} {path}: name the picture with an image extension such as .png or .jpg")
+
+
+def _decoded_masks(results: Sequence[Mapping]):
+    """The regions' masks (``"mask"``, COCO run-length encoding) as a boolean array [N, H, W]."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    rles = [{**result["mask"], "counts": result["mask"]["counts"].encode()} for result in results]
+    return np.stack([mask_utils.decode(rle) for rle in rles]).astype(bool)
 
 
 def _format_box(box: Sequence[float]) -> str:

@@ -4,6 +4,7 @@ demonstration-model notice."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -19,6 +20,7 @@ __all__ = [
     "model_or_default",
     "number",
     "parse_box",
+    "parse_point",
 ]
 
 
@@ -159,6 +161,17 @@ def parse_box(text: str) -> list[float]:
         return parse_box_text(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_point(text: str) -> list[float]:
+    """``"x,y"`` (pixels) as two finite floats; whether it is on the image is checked once the image is read."""
+    try:
+        point = [float(part) for part in text.split(",")]
+    except ValueError:
+        point = []
+    if len(point) != 2 or not all(math.isfinite(value) for value in point):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a point: write x,y (pixels)")
+    return point
 
 
 def count(minimum: int = 1):
