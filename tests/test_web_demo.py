@@ -1,8 +1,9 @@
 """The web demo (dynrefer_hf.app, `dynrefer demo`): its input parsing, and the page in a real browser.
 
-The browser test starts the app on a free port of 127.0.0.1 in this process and drives the system's
-Chromium with Playwright (no browser download): it uploads a picture, draws boxes with mouse drags, presses
-Describe and compares the table with what the pipeline returns for the same boxes.
+The browser test starts the app (with a tiny, randomly initialised SAM as its segmenter) on a free port of
+127.0.0.1 in this process and drives the system's Chromium with Playwright (no browser download): it uploads
+a picture, draws boxes with mouse drags, clicks on an object, presses Describe and compares the table with
+what the pipeline returns for the same regions.
 """
 
 import json
@@ -16,17 +17,17 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from dynrefer_hf.app import EXAMPLES, build_demo, open_picture, parse_regions, remove_box, web
+from dynrefer_hf.app import EXAMPLES, build_demo, open_picture, parse_regions, remove_region, web
 from dynrefer_hf.cli import main
 from dynrefer_hf.shapes import shapes_split
 
 # ---------------------------------------------------------------------------------------- input parsing
 
 
-def test_parse_regions_reads_one_box_per_line_with_optional_control_words():
-    boxes, controls = parse_regions("10,20,30,40\n\n  5.5, 6 ,7,8 : red, circle ,\n")
-    assert boxes == [[10, 20, 30, 40], [5.5, 6, 7, 8]]
-    assert controls == [[], ["red", "circle"]]
+def test_parse_regions_reads_one_box_or_click_per_line_with_optional_control_words():
+    regions, controls = parse_regions("10,20,30,40\n\n  5.5, 6 ,7,8 : red, circle ,\n12,7: blue")
+    assert regions == [[10, 20, 30, 40], [5.5, 6, 7, 8], [12, 7]]
+    assert controls == [[], ["red", "circle"], ["blue"]]
     assert parse_regions("") == ([], [])
     assert parse_regions(None) == ([], [])
 
@@ -34,8 +35,8 @@ def test_parse_regions_reads_one_box_per_line_with_optional_control_words():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("1,2,3", "box 0 '1,2,3' is not a box"),
-        ("1,2,3,4\nabc", "box 1 'abc' is not a box"),
+        ("1,2,3", "region 0 '1,2,3' is neither a box nor a click: write x1,y1,x2,y2 or x,y"),
+        ("1,2,3,4\nabc", "region 1 'abc' is neither a box nor a click"),
         ("10,10,10,50", r"box 0 \(10,10,10,50\) has zero area"),
         ("1,2,3,4\n9,9,5,20", r"box 1 \(9,9,5,20\) has zero area"),
     ],
@@ -45,14 +46,14 @@ def test_parse_regions_names_the_bad_line(text, message):
         parse_regions(text)
 
 
-def test_remove_box_drops_the_numbered_line():
+def test_remove_region_drops_the_numbered_line():
     import gradio as gr
 
-    assert remove_box("1,1,5,5\n\n2,2,6,6\n3,3,7,7", 1) == "1,1,5,5\n3,3,7,7"
-    with pytest.raises(gr.Error, match="There is no box 3: the boxes are numbered 0 to 2"):
-        remove_box("1,1,5,5\n2,2,6,6\n3,3,7,7", 3)
-    with pytest.raises(gr.Error, match="no box to remove"):
-        remove_box("", 0)
+    assert remove_region("1,1,5,5\n\n2,2\n3,3,7,7", 1) == "1,1,5,5\n3,3,7,7"
+    with pytest.raises(gr.Error, match="There is no region 3: the regions are numbered 0 to 2"):
+        remove_region("1,1,5,5\n2,2,6,6\n3,3,7,7", 3)
+    with pytest.raises(gr.Error, match="no region to remove"):
+        remove_region("", 0)
 
 
 def test_open_picture_refuses_huge_and_unreadable_files_and_notes_lossy_conversions(tmp_path, monkeypatch):
@@ -110,15 +111,45 @@ def test_app_py_builds_the_same_page_for_spaces():
     assert namespace["demo"].title == "DynRefer: describe image regions"
 
 
-def test_demo_command_serves_the_page_where_asked(monkeypatch):
+def test_demo_command_serves_the_page_where_asked_and_names_its_own_options(monkeypatch, capsys):
     import gradio as gr
 
     launched = {}
-    monkeypatch.setattr(gr.Blocks, "launch", lambda demo, **options: launched.update(options, demo=demo))
+
+    def launch(demo, **options):
+        launched.update(options, demo=demo)
+        demo.local_url = f"http://{options['server_name']}:{options['server_port']}/"
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch)
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda demo: launched.update(blocked=True))
     assert main(["demo", "--host", "0.0.0.0", "--port", "8123", "--share", "no", "--device", "cpu"]) == 0
     demo = launched.pop("demo")
     assert isinstance(demo, gr.Blocks)
-    assert launched == {"server_name": "0.0.0.0", "server_port": 8123, "share": False, **web.LAUNCH_OPTIONS}
+    assert launched == {
+        "server_name": "0.0.0.0",
+        "server_port": 8123,
+        "share": False,
+        "quiet": True,  # Gradio's own lines would say "set share=True in launch()"
+        "prevent_thread_lock": True,
+        "blocked": True,
+        **web.LAUNCH_OPTIONS,
+    }
+    printed = capsys.readouterr().err
+    assert "dynrefer demo: serving on http://0.0.0.0:8123/" in printed
+    assert "--share yes would add a public gradio.live link" in printed and "share=True" not in printed
+
+
+def test_demo_command_refuses_a_segmenter_that_is_not_sam_in_one_line(tiny_region_captioner, capsys):
+    assert main(["demo", "--segmenter", str(tiny_region_captioner), "--device", "cpu", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dynrefer demo: segmenter ") and "is a 'dynrefer' model" in error
+    assert len(error.splitlines()) == 1
+
+
+def test_click_mode_without_a_segmenter_says_what_to_pass(describe):
+    demo = build_demo(describe)
+    (tool,) = [block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "dr-tool"]
+    assert "clicking needs a segmenter" in tool.info and "--segmenter facebook/sam-vit-base" in tool.info
 
 
 def test_demo_command_checks_the_port_first(capsys):
@@ -138,7 +169,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 # The rows of the results table (Gradio's Dataframe also renders a hidden copy for measuring columns).
-TABLE_ROWS = "#dr-table table:not([aria-hidden]) tbody tr"
+TABLE_ROWS = "#dr-table [role=row].virtual-row"
+CELLS = "[role=gridcell]"
 
 
 def _free_port() -> int:
@@ -155,8 +187,8 @@ def describe():
 
 
 @pytest.fixture(scope="module")
-def demo_url(describe):
-    demo = build_demo(describe)
+def demo_url(describe, tiny_sam):
+    demo = build_demo(describe, segmenter=tiny_sam)
     port = _free_port()
     demo.launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **web.LAUNCH_OPTIONS
@@ -204,7 +236,27 @@ def _expect_message(page, text):
     page.locator(".toast-body", has_text=text).first.wait_for()
 
 
-def test_page_reports_bad_input_and_keeps_serving(page, tmp_path):
+def _rows(page) -> list[list[str]]:
+    """The table's cells, row by row, as the page shows them."""
+    return page.eval_on_selector_all(
+        TABLE_ROWS, f"rows => rows.map(r => [...r.querySelectorAll('{CELLS}')].map(td => td.innerText.trim()))"
+    )
+
+
+def test_the_empty_board_is_no_second_upload_area_and_the_views_are_explained(page):
+    board = page.locator("#dr-board .dr-empty")
+    assert "upload one under Picture (on the right)" in board.inner_text()
+    assert "Upload a picture" not in board.inner_text()
+    # a dashed border is what upload areas look like (Gradio's Picture box has one)
+    assert page.eval_on_selector("#dr-board .dr-empty", "e => getComputedStyle(e).borderStyle") != "dashed"
+    page.get_by_text("What are the views?").click()
+    explained = page.locator("#dr-views-explained").inner_text()
+    for mode in ("image prior", "task prior", "explicit t"):
+        assert mode in explained
+    assert "from the box (t = 0) to the whole" in explained
+
+
+def test_page_reports_bad_input_and_keeps_serving_without_tracebacks(page, tmp_path, capfd):
     # a huge picture (48 megapixels, 1-bit) is refused before it is decoded
     huge = tmp_path / "huge.png"
     PIL.Image.new("1", (8000, 6000)).save(huge)
@@ -216,14 +268,20 @@ def test_page_reports_bad_input_and_keeps_serving(page, tmp_path):
     _upload(page, path)
     page.locator("#dr-board .dr-stage canvas").wait_for()
     page.click("#dr-describe")
-    _expect_message(page, "No box: drag on the picture to draw one, or type x1,y1,x2,y2 in Boxes.")
+    _expect_message(page, "No region: drag on the picture to draw a box, click an object in click mode")
     page.fill("#dr-boxes textarea", "10,10,10,50")
     page.click("#dr-describe")
     _expect_message(page, "box 0 (10,10,10,50) has zero area: x2 must exceed x1 and y2 must exceed y1")
     page.fill("#dr-boxes textarea", "10,10,30,50\n300,300,400,380")
     page.click("#dr-describe")
     _expect_message(page, "box 1 (300,300,400,380) is not inside the 377x376 picture.")
+    page.fill("#dr-boxes textarea", "10,10,30,50\n377,20")
+    page.click("#dr-describe")
+    _expect_message(page, "click 1 (377,20) is not on the 377x376 picture.")
     assert page.locator(TABLE_ROWS).count() == 0
+    # the user's mistakes are on the page, not as tracebacks in the server's terminal
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out
 
 
 def test_drawn_boxes_are_described_as_the_pipeline_describes_them(page, describe):
@@ -250,15 +308,79 @@ def test_drawn_boxes_are_described_as_the_pipeline_describes_them(page, describe
 
     page.click("#dr-describe")
     page.wait_for_function(f"document.querySelectorAll('{TABLE_ROWS}').length === 2", timeout=180_000)
-    rows = page.eval_on_selector_all(
-        TABLE_ROWS, "rows => rows.map(r => [...r.querySelectorAll('td')].map(td => td.innerText.trim()))"
-    )
+    rows = _rows(page)
     expected = describe(image, boxes=boxes)
     assert [row[0] for row in rows] == ["0", "1"]
-    assert [row[1] for row in rows] == [",".join(f"{value:g}" for value in box) for box in boxes]
+    assert [row[1] for row in rows] == [", ".join(f"{value:g}" for value in box) for box in boxes]
     assert [row[2] for row in rows] == [result["caption"] for result in expected]
     assert [row[4].split(" (")[0] for row in rows] == [result["label"]["name"] for result in expected]
-    page.locator("#dr-regions img").wait_for()  # the picture with the numbered boxes came back too
+
+    # the box column breaks lines between numbers, never inside one
+    lines_of_boxes = page.eval_on_selector_all(
+        f"{TABLE_ROWS} {CELLS}[data-col='1'] span",
+        """spans => spans.map(span => {
+            const text = span.firstChild, lines = [];
+            for (let i = 0; i < text.length; i++) {
+                const range = document.createRange();
+                range.setStart(text, i); range.setEnd(text, i + 1);
+                const top = Math.round(range.getBoundingClientRect().top);
+                if (!lines.length || lines[lines.length - 1].top !== top) lines.push({top, text: ''});
+                lines[lines.length - 1].text += text.data[i];
+            }
+            return lines.map(line => line.text);
+        })""",
+    )
+    for box, lines in zip(boxes, lines_of_boxes):
+        assert [value for line in lines for value in line.replace(",", " ").split()] == [f"{v:g}" for v in box]
+
+    # nothing of Gradio's covers the top corners of the result picture, where the first caption is
+    picture = page.locator("#dr-regions img")
+    picture.wait_for()
+    corners = page.evaluate(
+        """() => { const img = document.querySelector('#dr-regions img'), r = img.getBoundingClientRect();
+                   return [[r.left + 4, r.top + 4], [r.right - 4, r.top + 4]].map(
+                       ([x, y]) => document.elementFromPoint(x, y) === img); }"""
+    )
+    assert corners == [True, True]
+
+
+def test_a_drag_may_start_outside_the_picture(page):
+    path, _ = EXAMPLES[2]
+    _upload(page, path)
+    page.wait_for_function("document.querySelector('#dr-boxes textarea').value === ''")
+    canvas = page.locator("#dr-board .dr-stage canvas").bounding_box()
+    page.mouse.move(canvas["x"] - 20, canvas["y"] - 15)  # left of and above the picture
+    page.mouse.down()
+    page.mouse.move(canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2, steps=6)
+    page.mouse.up()
+    page.wait_for_function("document.querySelector('#dr-boxes textarea').value !== ''")
+    (box,), _ = parse_regions(_boxes_text(page))
+    np.testing.assert_allclose(box, [0, 0, 377 / 2, 376 / 2], atol=2)
+
+
+def test_a_click_on_an_object_is_described_through_the_segmenters_mask(page, describe, tiny_sam):
+    from dynrefer_hf.segmentation import PointSegmenter, region_points
+
+    path, _ = EXAMPLES[2]
+    image = PIL.Image.open(path).convert("RGB")
+    _upload(page, path)
+    page.wait_for_function("document.querySelector('#dr-boxes textarea').value === ''")
+    page.get_by_label("click an object").check()
+    canvas = page.locator("#dr-board .dr-stage canvas").bounding_box()
+    page.mouse.click(canvas["x"] + canvas["width"] * 100.5 / 377, canvas["y"] + canvas["height"] * 340.5 / 376)
+    page.wait_for_function("document.querySelector('#dr-boxes textarea').value !== ''")
+    (click,), _ = parse_regions(_boxes_text(page))
+    np.testing.assert_allclose(click, [100, 340], atol=2)
+
+    page.click("#dr-describe")
+    page.wait_for_function(f"document.querySelectorAll('{TABLE_ROWS}').length === 1", timeout=180_000)
+    (row,) = _rows(page)
+    (mask,) = PointSegmenter.from_pretrained(tiny_sam)(image, region_points([click]))
+    (expected,) = describe(image, masks=mask[None])
+    assert row[1] == ", ".join(f"{value:g}" for value in expected["box"])
+    assert row[2] == expected["caption"]
+    page.locator("#dr-regions img").wait_for()  # the picture with the click's mask came back too
+    page.get_by_label("drag a box").check()
 
 
 def test_control_words_explicit_views_and_the_views_picture(page, describe):
@@ -281,9 +403,7 @@ def test_control_words_explicit_views_and_the_views_picture(page, describe):
     assert len(ratios) == describe.image_processor.num_views - 1
     page.click("#dr-describe")
     page.locator("#dr-views img").wait_for(timeout=180_000)
-    rows = page.eval_on_selector_all(
-        TABLE_ROWS, "rows => rows.map(r => r.querySelectorAll('td')[2].innerText.trim())"
-    )
+    rows = [row[2] for row in _rows(page)]
     expected = describe(
         image, boxes=[shape_boxes[0], shape_boxes[3]], controls=[[], ["blue"]], view_selection=ratios
     )

@@ -170,11 +170,13 @@ class PointSegmenter:
         return self.model.device
 
     @torch.no_grad()
-    def __call__(self, image: PIL.Image.Image, regions: Sequence[RegionPoints]) -> np.ndarray:
+    def __call__(
+        self, image: PIL.Image.Image, regions: Sequence[RegionPoints], allow_empty: bool = False
+    ) -> np.ndarray:
         """One boolean mask [H, W] per region of ``image`` (an RGB PIL image), as [N, H, W], in one batch.
 
         Raises:
-            ValueError: a point outside the image, or a region whose mask is empty.
+            ValueError: a point outside the image, or (unless ``allow_empty``) a region whose mask is empty.
         """
         check_points_inside(regions, *image.size)
         most = max(len(region.points) for region in regions)
@@ -197,7 +199,7 @@ class PointSegmenter:
         best = outputs.iou_scores[0].float().argmax(dim=-1).cpu()  # [N]
         masks = candidates[torch.arange(len(regions)), best].numpy().astype(bool)
         for number, mask in enumerate(masks):
-            if not mask.any():
+            if not (allow_empty or mask.any()):
                 raise ValueError(
                     f"the segmenter found no object at the points of region {number} "
                     f"({regions[number].points.tolist()}): its mask is empty; click elsewhere or add points"

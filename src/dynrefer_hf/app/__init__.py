@@ -1,6 +1,6 @@
-"""The Gradio web demo: draw boxes on a picture in the browser, read DynRefer's description of each region.
+"""The Gradio web demo: draw boxes or click on a picture in the browser, read DynRefer's description of each region.
 
-Needs the ``[demo]`` extra (Gradio 5); importing this package without it raises an ``ImportError`` that
+Needs the ``[demo]`` extra (Gradio 6); importing this package without it raises an ``ImportError`` that
 says what to install. Started by ``dynrefer demo`` and by ``app.py`` at the repository root (docs/demo.md).
 """
 
@@ -14,7 +14,7 @@ from .web import (
     build_demo,
     open_picture,
     parse_regions,
-    remove_box,
+    remove_region,
 )
 
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     "build_demo",
     "open_picture",
     "parse_regions",
-    "remove_box",
+    "remove_region",
 ]

@@ -6,6 +6,7 @@ Needs the ``[demo]`` extra (Gradio); without it the command says what to install
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import add_model_loading_options
 from .errors import CommandError
@@ -16,10 +17,11 @@ __all__ = ["register"]
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="start the web demo: draw boxes on a picture in the browser and read their descriptions",
+        help="start the web demo: draw boxes (or click objects) on a picture in the browser, read their descriptions",
         description=(
             "Start the web demo (a Gradio app, needs the [demo] extra): upload a picture, draw boxes on it "
-            "and read the caption, tags, attributes and class of every region."
+            "(or click on objects, with --segmenter) and read the caption, tags, attributes and class of every "
+            "region."
         ),
     )
     parser.add_argument("--model", help="model folder or Hub id (default: the package's default model)")
@@ -30,6 +32,11 @@ def register(subparsers) -> None:
         choices=("no", "yes"),
         default="no",
         help="also serve through a public gradio.live link (needs network; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--segmenter",
+        metavar="MODEL",
+        help="SAM / SAM 2 folder or Hub id (e.g. facebook/sam-vit-base): turns on clicking on objects",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add_model_loading_options(parser)
@@ -49,9 +56,30 @@ def run(args: argparse.Namespace) -> int:
     describe = load_region_captioner(
         model, revision=revision, device=args.device, allow_missing_weights=args.allow_missing_weights
     )
-    demo = build_demo(describe)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share == "yes", **LAUNCH_OPTIONS)
+        demo = build_demo(describe, segmenter=args.segmenter)
+    except ValueError as error:  # a segmenter that cannot be loaded or is not SAM
+        raise CommandError(str(error)) from None
+    try:
+        # Gradio's own start-up lines speak of launch(share=True); this command's option is --share yes.
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share == "yes",
+            quiet=True,
+            prevent_thread_lock=True,
+            **LAUNCH_OPTIONS,
+        )
     except OSError as error:
         raise CommandError(f"cannot serve on {args.host}:{args.port}: {error}") from None
+    print(f"dynrefer demo: serving on {demo.local_url}", file=sys.stderr)
+    if demo.share_url:
+        print(f"dynrefer demo: public link {demo.share_url}", file=sys.stderr)
+    else:
+        print("dynrefer demo: --share yes would add a public gradio.live link", file=sys.stderr)
+    print("dynrefer demo: press Ctrl+C to stop", file=sys.stderr)
+    try:
+        demo.block_thread()
+    finally:
+        demo.close()
     return 0
