@@ -220,12 +220,19 @@ def _upload(page, path):
 
 def _drag(page, box, size):
     """Draw ``box`` (picture pixels) on the board with a mouse drag; the picture is ``size`` (w, h)."""
-    canvas = page.locator("#dr-board .dr-stage canvas").bounding_box()
+    canvas = _board_canvas(page)
     scale_x, scale_y = canvas["width"] / size[0], canvas["height"] / size[1]
     page.mouse.move(canvas["x"] + box[0] * scale_x, canvas["y"] + box[1] * scale_y)
     page.mouse.down()
     page.mouse.move(canvas["x"] + box[2] * scale_x, canvas["y"] + box[3] * scale_y, steps=6)
     page.mouse.up()
+
+
+def _board_canvas(page) -> dict:
+    """The board's canvas, scrolled into view (the mouse reaches only the viewport): its box on the screen."""
+    canvas = page.locator("#dr-board .dr-stage canvas")
+    canvas.scroll_into_view_if_needed()
+    return canvas.bounding_box()
 
 
 def _boxes_text(page) -> str:
@@ -296,7 +303,7 @@ def test_drawn_boxes_are_described_as_the_pipeline_describes_them(page, describe
     # a third box, then a right-click on it removes it again
     _drag(page, [250, 150, 350, 250], image.size)
     page.wait_for_function("document.querySelector('#dr-boxes textarea').value.split('\\n').length === 3")
-    canvas = page.locator("#dr-board .dr-stage canvas").bounding_box()
+    canvas = _board_canvas(page)
     page.mouse.click(
         canvas["x"] + canvas["width"] * 300 / 377, canvas["y"] + canvas["height"] * 200 / 376, button="right"
     )
@@ -336,6 +343,7 @@ def test_drawn_boxes_are_described_as_the_pipeline_describes_them(page, describe
     # nothing of Gradio's covers the top corners of the result picture, where the first caption is
     picture = page.locator("#dr-regions img")
     picture.wait_for()
+    picture.scroll_into_view_if_needed()  # elementFromPoint sees only the viewport
     corners = page.evaluate(
         """() => { const img = document.querySelector('#dr-regions img'), r = img.getBoundingClientRect();
                    return [[r.left + 4, r.top + 4], [r.right - 4, r.top + 4]].map(
@@ -348,7 +356,7 @@ def test_a_drag_may_start_outside_the_picture(page):
     path, _ = EXAMPLES[2]
     _upload(page, path)
     page.wait_for_function("document.querySelector('#dr-boxes textarea').value === ''")
-    canvas = page.locator("#dr-board .dr-stage canvas").bounding_box()
+    canvas = _board_canvas(page)
     page.mouse.move(canvas["x"] - 20, canvas["y"] - 15)  # left of and above the picture
     page.mouse.down()
     page.mouse.move(canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2, steps=6)
@@ -366,7 +374,7 @@ def test_a_click_on_an_object_is_described_through_the_segmenters_mask(page, des
     _upload(page, path)
     page.wait_for_function("document.querySelector('#dr-boxes textarea').value === ''")
     page.get_by_label("click an object").check()
-    canvas = page.locator("#dr-board .dr-stage canvas").bounding_box()
+    canvas = _board_canvas(page)
     page.mouse.click(canvas["x"] + canvas["width"] * 100.5 / 377, canvas["y"] + canvas["height"] * 340.5 / 376)
     page.wait_for_function("document.querySelector('#dr-boxes textarea').value !== ''")
     (click,), _ = parse_regions(_boxes_text(page))

@@ -118,6 +118,30 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     return {"size": [int(side) for side in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def segmenter_config(name_or_path: str | os.PathLike, **kwargs):
+    """The config of the segmenter at ``name_or_path`` (a folder or Hub id), checked to be SAM / SAM 2;
+    cheap, so that callers can refuse a wrong segmenter before loading anything large.
+
+    Raises:
+        ValueError: the folder or id holds no model config, or one that is not SAM / SAM 2.
+    """
+    import transformers
+
+    name = os.fspath(name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"segmenter {name!r} is not a model folder or Hub id that can be loaded: {error}"
+        ) from None
+    if config.model_type not in SEGMENTER_TYPES:
+        raise ValueError(
+            f"segmenter {name!r} is a {config.model_type!r} model; a segmenter must be one of transformers' "
+            f"{' or '.join(repr(kind) for kind in SEGMENTER_TYPES)} models (e.g. facebook/sam-vit-base)"
+        )
+    return config
+
+
 class PointSegmenter:
     """SAM or SAM 2 (transformers) as a function from an image and its regions' points to boolean masks.
 
@@ -147,17 +171,7 @@ class PointSegmenter:
         import transformers
 
         name = os.fspath(name_or_path)
-        try:
-            config = transformers.AutoConfig.from_pretrained(name, **kwargs)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"segmenter {name!r} is not a model folder or Hub id that can be loaded: {error}"
-            ) from None
-        if config.model_type not in SEGMENTER_TYPES:
-            raise ValueError(
-                f"segmenter {name!r} is a {config.model_type!r} model; a segmenter must be one of transformers' "
-                f"{' or '.join(repr(kind) for kind in SEGMENTER_TYPES)} models (e.g. facebook/sam-vit-base)"
-            )
+        config = segmenter_config(name, **kwargs)
         model_class, processor_class = (
             getattr(transformers, part) for part in SEGMENTER_TYPES[config.model_type]
         )

@@ -233,7 +233,8 @@ _BOARD_JS = r"""
   // A drag may start on the picture or just outside it (to reach its edge): it starts at the edge then.
   document.addEventListener('pointerdown', (event) => {
     const s = stage(), canvas = s?.querySelector('canvas');
-    if (!s || event.button !== 0 || !event.target.closest?.('#dr-board') || !nearPicture(event, canvas)) return;
+    if (!s || event.button !== 0 || !nearPicture(event, canvas)) return;
+    if (event.target.closest?.('input, textarea, select, button, label, a')) return;  // the page's own controls
     event.preventDefault();
     event.target.setPointerCapture?.(event.pointerId);
     const [x, y] = position(event, canvas);

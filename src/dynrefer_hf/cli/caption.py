@@ -95,7 +95,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..pipelines.region_captioning import load_rgb_image
-    from ..segmentation import check_points_inside, region_points
+    from ..segmentation import check_points_inside, region_points, segmenter_config
     from ..validation import DEFAULT_DOWNLOAD_TIMEOUT, checked_region_box
     from ..visualize import draw_clicks, draw_regions, draw_views
     from .common import load_region_captioner, model_or_default
@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         for box in args.boxes or []:  # the pipeline's own rule, checked before the model is loaded
             checked_region_box(box, image.width, image.height, where="--box")
         check_points_inside(region_points(args.points or [[0, 0]]), image.width, image.height)
+        if args.segmenter is not None:
+            segmenter_config(args.segmenter)
     except (OSError, ValueError) as error:
         raise CommandError(str(error)) from None
 

@@ -52,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
         from ..app import LAUNCH_OPTIONS, build_demo
     except ImportError as error:
         raise CommandError(str(error)) from None
+    if args.segmenter is not None:  # a wrong segmenter is refused before the model is loaded
+        from ..segmentation import segmenter_config
+
+        try:
+            segmenter_config(args.segmenter)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     model, revision = model_or_default(args.model, args.quiet)
     describe = load_region_captioner(
         model, revision=revision, device=args.device, allow_missing_weights=args.allow_missing_weights
