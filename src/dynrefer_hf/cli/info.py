@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+import PIL
+
 __all__ = ["model_summary", "register"]
 
 
@@ -86,6 +88,8 @@ def model_summary(model: str, revision: str | None = None) -> dict:
             "classes": config.num_classes,
         },
         "parameters": _parameter_counts(config),
+        # The views' pixels come from Pillow's resize, which changed between versions (docs/processor.md).
+        "pillow": PIL.__version__,
     }
 
 
@@ -116,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         "tag_threshold",
     ):
         print(f"{key:<16}{summary[key] if summary[key] is not None else '-'}")
+    print(f"{'pillow':<16}{summary['pillow']} (the views' pixels depend on its version: docs/processor.md)")
     vocabularies = summary["vocabularies"]
     print(
         "vocabularies    "
