@@ -175,8 +175,11 @@ class PointSegmenter:
         model_class, processor_class = (
             getattr(transformers, part) for part in SEGMENTER_TYPES[config.model_type]
         )
+        try:
+            processor = processor_class.from_pretrained(name, **kwargs)
+        except ImportError as error:  # SAM 2's image processor needs torchvision
+            raise ValueError(f"segmenter {name!r} cannot be loaded: {' '.join(str(error).split())}") from None
         model = model_class.from_pretrained(name, dtype=dtype, **kwargs)
-        processor = processor_class.from_pretrained(name, **kwargs)
         return cls(model.to(device) if device is not None else model, processor)
 
     @property
