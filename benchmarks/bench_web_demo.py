@@ -32,7 +32,7 @@ from dynrefer_hf.app import EXAMPLES, LAUNCH_OPTIONS, build_demo
 RESULTS = Path(__file__).resolve().parent / "results"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
-TABLE_ROWS = "#dr-table table:not([aria-hidden]) tbody tr"
+TABLE_ROWS = "#dr-table [role=row].virtual-row"  # Gradio 6 Dataframe rows
 
 
 def free_port() -> int:
