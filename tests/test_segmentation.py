@@ -89,6 +89,17 @@ def test_points_for_a_list_of_images_follow_the_images(describe, image):
     assert both == [describe(image, points=POINTS[:1]), describe(flipped, points=POINTS[1:])]
 
 
+@pytest.mark.slow  # bfloat16 on CPU
+def test_the_segmenter_runs_on_the_pipelines_device_and_dtype(tiny_region_captioner, tiny_sam, image):
+    describe = pipeline(
+        "region-captioning", model=str(tiny_region_captioner), segmenter=str(tiny_sam), dtype=torch.bfloat16
+    )
+    assert describe.segmenter.model.dtype == torch.bfloat16 and describe.segmenter.device == describe.device
+    (result,) = describe(image, points=POINTS[:1], return_masks=True)
+    mask = mask_utils.decode({**result["mask"], "counts": result["mask"]["counts"].encode()}).astype(bool)
+    assert result["box"] == [float(value) for value in mask_to_box(mask)]
+
+
 def test_mask_to_rle_round_trips_through_pycocotools():
     mask = np.zeros((5, 7), dtype=bool)
     mask[1:4, 2:6] = True
