@@ -19,7 +19,7 @@ from dynrefer_hf.app import EXAMPLES
 from dynrefer_hf.cli import main
 from dynrefer_hf.segmentation import PointSegmenter, mask_to_rle, region_points
 from dynrefer_hf.views import mask_to_box
-from dynrefer_hf.visualize import region_color
+from dynrefer_hf.visualize import draw_clicks, region_color
 
 IMAGE_PATH = EXAMPLES[2][0]  # a 377x376 shapes scene
 POINTS = [[100, 340], [200, 320], [190, 75]]
@@ -163,6 +163,23 @@ def test_points_need_a_segmenter_and_one_kind_of_region(tiny_region_captioner, d
         describe(image, boxes=[[0, 0, 10, 10]], return_masks=True)
 
 
+def test_draw_clicks_tints_and_outlines_each_mask_and_marks_its_clicks():
+    image = PIL.Image.new("RGB", (200, 100), (200, 200, 200))
+    masks = np.zeros((2, 100, 200), dtype=bool)
+    masks[0, 20:60, 20:80] = True
+    masks[1, 30:90, 120:190] = True
+    drawn = np.asarray(
+        draw_clicks(image, [masks[0], masks[1]], [[[50, 40]], [[150, 60], [180, 85]]], [[1], [1, 0]])
+    )
+    color0, color1 = np.array(region_color(0)), np.array(region_color(1))
+    assert (drawn[20, 30:70] == color0).all() and (drawn[59, 30:70] == color0).all()  # outline on the edge
+    tinted = 0.65 * 200 + 0.35 * color0
+    assert np.abs(drawn[40, 70] - tinted).max() <= 1  # inside: tinted
+    assert (drawn[5, 100] == 200).all()  # outside every mask: untouched
+    assert (drawn[40, 50] == color0).all() and (drawn[60, 150] == color1).all()  # positive clicks: dots
+    assert (drawn[85, 180] == 255).all()  # the negative click: a white cross
+
+
 # ---------------------------------------------------------------------------------------- the command
 
 
@@ -185,8 +202,14 @@ def test_caption_command_describes_clicks_and_draws_masks_and_clicks(
     ("arguments", "message"),
     [
         (["--point", "10,10"], "--point needs --segmenter MODEL"),
-        (["--point", "10,10", "--box", "1,1,5,5", "--segmenter", "x"], "give the regions as --box or as --point"),
-        (["--point", "377,10", "--segmenter", "x"], r"point \(377, 10\) of region 0 is outside the 377x376 image"),
+        (
+            ["--point", "10,10", "--box", "1,1,5,5", "--segmenter", "x"],
+            "give the regions as --box or as --point",
+        ),
+        (
+            ["--point", "377,10", "--segmenter", "x"],
+            r"point \(377, 10\) of region 0 is outside the 377x376 image",
+        ),
         (["--point", "10;10", "--segmenter", "x"], "'10;10' is not a point: write x,y"),
     ],
 )
