@@ -169,9 +169,11 @@ def test_draw_clicks_tints_and_outlines_each_mask_and_marks_its_clicks():
     masks[0, 20:60, 20:80] = True
     masks[1, 30:90, 120:190] = True
     drawn = np.asarray(
-        draw_clicks(image, [masks[0], masks[1]], [[[50, 40]], [[150, 60], [180, 85]]], [[1], [1, 0]])
+        draw_clicks(
+            image, [masks[0], None, masks[1]], [[[50, 40]], [], [[150, 60], [180, 85]]], [[1], [], [1, 0]]
+        )
     )
-    color0, color1 = np.array(region_color(0)), np.array(region_color(1))
+    color0, color1 = np.array(region_color(0)), np.array(region_color(2))  # region 1 is a box: no mask
     assert (drawn[20, 30:70] == color0).all() and (drawn[59, 30:70] == color0).all()  # outline on the edge
     tinted = 0.65 * 200 + 0.35 * color0
     assert np.abs(drawn[40, 70] - tinted).max() <= 1  # inside: tinted

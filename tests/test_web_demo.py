@@ -368,25 +368,28 @@ def test_a_drag_may_start_outside_the_picture(page):
 
 def test_a_click_on_an_object_is_described_through_the_segmenters_mask(page, describe, tiny_sam):
     from dynrefer_hf.segmentation import PointSegmenter, region_points
+    from dynrefer_hf.views import mask_to_box
 
-    path, _ = EXAMPLES[2]
+    path, shape_boxes = EXAMPLES[2]
     image = PIL.Image.open(path).convert("RGB")
     _upload(page, path)
     page.wait_for_function("document.querySelector('#dr-boxes textarea').value === ''")
+    page.fill("#dr-boxes textarea", ",".join(map(str, shape_boxes[0])))  # a box, then a click beside it
     page.get_by_label("click an object").check()
     canvas = _board_canvas(page)
     page.mouse.click(canvas["x"] + canvas["width"] * 100.5 / 377, canvas["y"] + canvas["height"] * 340.5 / 376)
-    page.wait_for_function("document.querySelector('#dr-boxes textarea').value !== ''")
-    (click,), _ = parse_regions(_boxes_text(page))
+    page.wait_for_function("document.querySelector('#dr-boxes textarea').value.split('\\n').length === 2")
+    (box, click), _ = parse_regions(_boxes_text(page))
     np.testing.assert_allclose(click, [100, 340], atol=2)
 
     page.click("#dr-describe")
-    page.wait_for_function(f"document.querySelectorAll('{TABLE_ROWS}').length === 1", timeout=180_000)
-    (row,) = _rows(page)
+    page.wait_for_function(f"document.querySelectorAll('{TABLE_ROWS}').length === 2", timeout=180_000)
+    rows = _rows(page)
     (mask,) = PointSegmenter.from_pretrained(tiny_sam)(image, region_points([click]))
-    (expected,) = describe(image, masks=mask[None])
-    assert row[1] == ", ".join(f"{value:g}" for value in expected["box"])
-    assert row[2] == expected["caption"]
+    expected = describe(image, boxes=[box, mask_to_box(mask)])
+    assert expected[1] == describe(image, masks=mask[None])[0]  # a click's region is its mask's
+    assert rows[1][1] == ", ".join(f"{value:g}" for value in expected[1]["box"])
+    assert [row[2] for row in rows] == [result["caption"] for result in expected]
     page.locator("#dr-regions img").wait_for()  # the picture with the click's mask came back too
     page.get_by_label("drag a box").check()
 

@@ -148,7 +148,7 @@ def draw_regions(
 
 def draw_clicks(
     image: PIL.Image.Image,
-    masks: np.ndarray,
+    masks: Sequence[np.ndarray | None],
     points: Sequence[Sequence[Sequence[float]]],
     point_labels: Sequence[Sequence[int]] | None = None,
 ) -> PIL.Image.Image:
@@ -158,16 +158,19 @@ def draw_clicks(
     ``draw_regions(draw_clicks(image, masks, points), results)`` shows clicks, masks and captions together.
 
     Args:
-        masks: boolean masks [N, H, W], one per region (the segmenter's, or the pipeline's ``"mask"`` decoded).
-        points: the clicks of each region, ``[[[x, y], ...], ...]`` in pixels.
+        masks: a boolean mask [H, W] per region (the segmenter's, or the pipeline's ``"mask"`` decoded), or
+            ``None`` for a region without one (a box), which is left to ``draw_regions``.
+        points: the clicks of each region, ``[[[x, y], ...], ...]`` in pixels (``[]`` for none).
         point_labels: 1 (on the object, a filled dot) or 0 (not on it, a cross) per click; default all 1.
     """
     canvas = image.convert("RGB")
     line_width = max(2, round(min(canvas.size) / 200))
     radius = max(4, round(min(canvas.size) / 80))
-    for index, mask in enumerate(np.asarray(masks, dtype=bool)):
+    for index, mask in enumerate(masks):
+        if mask is None:  # a region given as a box
+            continue
         color = region_color(index)
-        inside = PIL.Image.fromarray(mask.astype(np.uint8) * 255)
+        inside = PIL.Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
         # The outline: the mask minus the mask shrunk by the line width.
         shrunk = inside.filter(ImageFilter.MinFilter(2 * line_width + 1))
         outline = PIL.Image.fromarray(np.asarray(inside) & ~np.asarray(shrunk))
