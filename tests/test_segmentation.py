@@ -83,6 +83,7 @@ def test_points_give_one_record_per_point_described_as_their_masks(describe, ima
     assert through_masks == results
 
 
+@pytest.mark.slow
 def test_points_for_a_list_of_images_follow_the_images(describe, image):
     flipped = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
     both = describe([image, flipped], points=[POINTS[:1], [POINTS[1], POINTS[2]]], point_labels=[[1], [1, 1]])
@@ -185,6 +186,7 @@ def test_draw_clicks_tints_and_outlines_each_mask_and_marks_its_clicks():
 # ---------------------------------------------------------------------------------------- the command
 
 
+@pytest.mark.slow
 def test_caption_command_describes_clicks_and_draws_masks_and_clicks(
     tiny_region_captioner, tiny_sam, describe, image, tmp_path, capsys
 ):

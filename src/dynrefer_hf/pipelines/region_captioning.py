@@ -400,7 +400,8 @@ class RegionCaptioningPipeline(ChunkPipeline):
         if return_masks:
             per_image = [results] if isinstance(inputs, dict) else results
             for item, image_results in zip(items, per_image):
-                for result, mask in zip(image_results, _as_masks(item["masks"])):
+                masks = np.asarray(binary_masks(item["masks"]))  # checked by the run above
+                for result, mask in zip(image_results, masks.reshape(-1, *masks.shape[-2:])):
                     result["mask"] = mask_to_rle(mask)
         return results
 
