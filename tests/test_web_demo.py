@@ -103,12 +103,15 @@ def test_demo_command_without_gradio_says_what_to_install(monkeypatch, capsys):
     )
 
 
-def test_app_py_builds_the_same_page_for_spaces():
+def test_app_py_builds_the_same_page_for_spaces(monkeypatch, tiny_sam):
     import gradio as gr
 
+    monkeypatch.setenv("DYNREFER_SEGMENTER", str(tiny_sam))
     namespace = runpy.run_path(str(Path(__file__).resolve().parents[1] / "app.py"), run_name="app")
     assert isinstance(namespace["demo"], gr.Blocks)
     assert namespace["demo"].title == "DynRefer: describe image regions"
+    (tool,) = [block for block in namespace["demo"].blocks.values() if getattr(block, "elem_id", None) == "dr-tool"]
+    assert tool.info.startswith("a click makes a region of the object's mask") and str(tiny_sam) in tool.info
 
 
 def test_demo_command_serves_the_page_where_asked_and_names_its_own_options(monkeypatch, capsys):
