@@ -219,6 +219,7 @@ def page(demo_url):
 
 def _upload(page, path):
     page.locator("#dr-image input[type=file]").set_input_files(str(path))
+    page.wait_for_function(f"document.querySelectorAll('{TABLE_ROWS}').length === 0")  # the last results go
 
 
 def _drag(page, box, size):

@@ -636,8 +636,12 @@ def build_demo(
                 gr.Warning(f"Clicking needs a segmenter: {_SEGMENTER_HINT}")
 
         picture.change(_show_board, picture, board)
-        picture.upload(lambda: "", None, boxes)
-        picture.clear(lambda: "", None, boxes)
+        # A new picture starts empty: no regions, and no results of the last one.
+        def start_over():
+            return "", None, [], gr.update(value=None, visible=False)
+
+        picture.upload(start_over, None, [boxes, drawn, table, views])
+        picture.clear(start_over, None, [boxes, drawn, table, views])
         tool.change(tool_changed, tool, None)
         remove.click(remove_region, [boxes, box_number], boxes)
         clear.click(lambda: "", None, boxes)
