@@ -107,8 +107,8 @@ _CSS = """
 """
 
 # Runs once when the page loads. Everything hangs off `document`, so it survives the board being
-# re-rendered for every new picture. Box lines and their numbering follow `parse_regions`: every
-# non-blank line of the Boxes textbox is one region, numbered from 0 in order.
+# re-rendered for every new picture. Region lines and their numbering follow `parse_regions`: every
+# non-blank line of the Regions textbox is one region (a box or a click), numbered from 0 in order.
 _BOARD_JS = r"""
 () => {
   const COLORS = __COLORS__;
