@@ -45,6 +45,7 @@ def make_tiny_config(**overrides):
     (sub-configs as dicts or config objects).
     """
     from dynrefer_hf.configuration_dynrefer import DynReferConfig
+    from dynrefer_hf.prompts import ControlPromptTokens
 
     vocab_size = len(make_tiny_tokenizer())
     fields = {
@@ -93,6 +94,10 @@ def make_tiny_config(**overrides):
         "class_prompts": [f"the {name}" for name in TINY_CLASSES],
     }
     fields.update(overrides)
+    if "control_prompt_tokens" not in fields:  # the tags as the tiny tokenizer writes them in a control prompt
+        fields["control_prompt_tokens"] = ControlPromptTokens.from_tokenizer(
+            make_tiny_tokenizer(), fields["tag_names"], fields.get("max_text_length", 32)
+        ).to_dict()
     return DynReferConfig(**fields)
 
 
@@ -133,17 +138,18 @@ def make_varied_tiny_model(seed: int = 0, **overrides):
 
 
 def save_tiny_region_captioner(folder, seed: int = 0):
-    """Save a varied tiny model, the tiny tokenizer and a matching image processor to ``folder``.
+    """Save a varied tiny model and its processor (the tiny tokenizer, a matching image processor) to ``folder``.
 
     The folder loads with ``pipeline("region-captioning", model=folder)`` and ``dynrefer caption --model``.
     """
     from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
+    from dynrefer_hf.processing_dynrefer import DynReferProcessor
 
     model = make_varied_tiny_model(seed)
     image_size = model.config.vision_config.image_size
     model.save_pretrained(folder)
-    make_tiny_tokenizer().save_pretrained(folder)
-    DynReferImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    image_processor = DynReferImageProcessor(size={"height": image_size, "width": image_size})
+    DynReferProcessor(image_processor, make_tiny_tokenizer()).save_pretrained(folder)
     return folder
 
 

@@ -165,6 +165,12 @@ class DynReferConfig(PreTrainedConfig):
             (default: the 117 OVAD attributes, 474 prompts).
         class_names (`list[str]`), class_prompts (`list[str]`): open-vocabulary classes and the prompt encoded
             for each (default: the 80 COCO classes, "the {name}").
+        control_prompt_tokens (`dict`, *optional*): the tag vocabulary as the language model's tokenizer writes it
+            in a control prompt (`prompts.ControlPromptTokens.to_dict`), so that `generate` puts the predicted tags
+            into the prompt on token ids; built by `DynReferProcessor.tokenize_tag_vocabulary(tag_names)` when a
+            model is converted, trained or loaded by the pipeline.
+        deduplicate_views (`bool`): run identical views of one call through the vision tower once (the outputs are
+            those of running every view).
     """
 
     model_type: ClassVar[str] = "dynrefer"
@@ -227,6 +233,8 @@ class DynReferConfig(PreTrainedConfig):
     attribute_prompts: list[str] | None = None
     class_names: list[str] | None = None
     class_prompts: list[str] | None = None
+    control_prompt_tokens: dict | None = None
+    deduplicate_views: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -301,6 +309,12 @@ class DynReferConfig(PreTrainedConfig):
             )
         if any(size < 1 for size in self.attribute_group_sizes):
             raise ValueError("every attribute group needs at least one prompt")
+        tokens = self.control_prompt_tokens
+        if tokens is not None and len(tokens.get("tags_first", ())) != len(self.tag_names):
+            raise ValueError(
+                f"control_prompt_tokens holds {len(tokens.get('tags_first', ()))} tags but there are "
+                f"{len(self.tag_names)} tag_names: rebuild it with processor.tokenize_tag_vocabulary(tag_names)"
+            )
         if len(self.class_prompts) != len(self.class_names):
             raise ValueError(
                 f"{len(self.class_names)} class_names but {len(self.class_prompts)} class_prompts"

@@ -41,7 +41,7 @@ from .views import (
     view_boxes,
 )
 
-__all__ = ["DynReferImageProcessor", "to_rgb_array"]
+__all__ = ["DynReferImageProcessor", "as_region_boxes", "to_rgb_array"]
 
 VIEW_SELECTIONS = ("image_prior", "random", "task")
 PHASH_METHODS = ("upstream", "imagehash")
@@ -155,17 +155,42 @@ def _is_single_image(images: Any) -> bool:
     return isinstance(images, np.ndarray) and images.ndim in (2, 3)
 
 
-def _as_box_array(boxes: Any, where: str) -> np.ndarray:
+def as_region_boxes(
+    boxes: Any = None, masks: Any = None, image_size: tuple[int, int] | None = None, where: str = "the image"
+) -> np.ndarray:
+    """The regions of one image as float64 ``[R, 4]`` boxes ``(x1, y1, x2, y2)``: ``boxes`` (``[4]`` or ``[R, 4]``,
+    a list, array or tensor) or binary ``masks`` (``[H, W]`` or ``[R, H, W]``, ``image_size = (H, W)``) reduced
+    to boxes by upstream's rule (``views.mask_to_box``); ``[0, 4]`` when there are none.
+
+    The one place regions are read: the processor, the pipeline and the command line all come through here
+    (coordinates are checked against the image by ``validation.checked_region_box``).
+    """
+    if (boxes is None) == (masks is None):
+        raise ValueError(f"{where}: pass exactly one of `boxes` or `masks`")
+    if masks is not None:
+        masks = binary_masks(masks, f"{where}: masks")
+        masks = masks[None] if masks.ndim == 2 else masks
+        if masks.ndim != 3 or (image_size is not None and masks.shape[1:] != tuple(image_size)):
+            expected = "[R, H, W]" if image_size is None else f"[R, H, W] with the image's (H, W) = {tuple(image_size)}"
+            raise ValueError(f"{where}: masks must be {expected}, got {list(masks.shape)}")
+        boxes = []
+        for region, mask in enumerate(masks):
+            try:
+                boxes.append(mask_to_box(mask))
+            except ValueError as error:
+                raise ValueError(f"{where}, mask {region}: {error}") from None
+    if hasattr(boxes, "detach"):  # a torch tensor, on any device
+        boxes = boxes.detach().cpu().numpy()
     try:
         array = np.asarray(boxes, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: boxes must be numbers shaped [R, 4] (x1, y1, x2, y2)") from error
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: boxes must be numbers shaped [[x1, y1, x2, y2], ...]") from None
     if array.size == 0:
         return np.zeros((0, 4))
     if array.ndim == 1 and array.shape[0] == 4:
         array = array[None]
     if array.ndim != 2 or array.shape[1] != 4:
-        raise ValueError(f"{where}: boxes must be shaped [R, 4] (x1, y1, x2, y2), got {array.shape}")
+        raise ValueError(f"{where}: boxes must be [[x1, y1, x2, y2], ...], got an array of shape {list(array.shape)}")
     return array
 
 
@@ -265,43 +290,21 @@ class DynReferImageProcessor(BaseImageProcessor):
 
     def _regions_per_image(
         self, images: list[np.ndarray], boxes: Any, masks: Any, normalized_boxes: bool, single: bool
-    ) -> list[np.ndarray]:
-        """The float64 ``[R_i, 4]`` region boxes of each image, validated and widened (docs/upstream/views.md §1)."""
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per image, its float64 ``[R_i, 4]`` region boxes in pixels as given, and as the views use them
+        (validated and widened, docs/upstream/views.md §1)."""
         if (boxes is None) == (masks is None):
             raise ValueError("pass exactly one of `boxes` or `masks` (one list per image)")
-        per_image = []
-        if boxes is not None:
-            for index, entry in enumerate(_split_per_image(boxes, len(images), single, "boxes", 1)):
-                per_image.append(_as_box_array(entry, f"image {index}"))
-        else:
-            for index, entry in enumerate(_split_per_image(masks, len(images), single, "masks", 2)):
-                entry = binary_masks(entry, f"image {index}: masks")
-                entry = entry[None] if entry.ndim == 2 else entry
-                if entry.ndim != 3 or entry.shape[1:] != images[index].shape[:2]:
-                    raise ValueError(
-                        f"image {index}: masks must be [R, H, W] with the image's (H, W) = "
-                        f"{images[index].shape[:2]}, got {entry.shape}"
-                    )
-                boxes_of_masks = []
-                for region, mask in enumerate(entry):
-                    try:
-                        boxes_of_masks.append(mask_to_box(mask))
-                    except ValueError as error:
-                        raise ValueError(f"image {index}, mask {region}: {error}") from None
-                per_image.append(_as_box_array(boxes_of_masks, f"image {index}"))
+        name, regions = ("boxes", boxes) if boxes is not None else ("masks", masks)
+        entries = _split_per_image(regions, len(images), single, name, 1 if boxes is not None else 2)
         result = []
-        for index, (image, regions) in enumerate(zip(images, per_image)):
+        for index, (image, entry) in enumerate(zip(images, entries)):
             height, width = image.shape[:2]
+            given = as_region_boxes(**{name: entry}, image_size=(height, width), where=f"image {index}")
             if normalized_boxes:
-                regions = regions * np.array([width, height, width, height], dtype=np.float64)
-            result.append(
-                np.array(
-                    [
-                        checked_region_box(box, width, height, f"image {index}, region {k}")
-                        for k, box in enumerate(regions)
-                    ]
-                ).reshape(-1, 4)
-            )
+                given = given * np.array([width, height, width, height], dtype=np.float64)
+            checked = [checked_region_box(box, width, height, f"image {index}, region {k}") for k, box in enumerate(given)]
+            result.append((given, np.array(checked).reshape(-1, 4)))
         return result
 
     # -------------------------------------------------------------------------------------- selection
@@ -326,7 +329,8 @@ class DynReferImageProcessor(BaseImageProcessor):
             return random_ratios(self.num_views, self.candidate_ratios, rng)
         return task_prior_ratios(task, self.num_views)
 
-    def _check_selection(self, view_selection: str | Sequence[float], task: str | None) -> None:
+    def check_view_selection(self, view_selection: str | Sequence[float], task: str | None) -> None:
+        """Raise a clear error unless ``view_selection`` (with ``task``) is one this processor can build."""
         if isinstance(view_selection, str):
             if view_selection not in VIEW_SELECTIONS:
                 raise ValueError(
@@ -421,7 +425,9 @@ class DynReferImageProcessor(BaseImageProcessor):
             - `view_boxes` `[R, V, 4]` float32: the region box in the pixels of each resized view;
             - `view_ratios` `[R, V]` float32: the `t` of each view;
             - `crop_boxes` `[R, V, 4]` int64: the integer crop of each view in the original image;
-            - `region_image_index` `[R]` int64: the image each region belongs to.
+            - `region_image_index` `[R]` int64: the image each region belongs to;
+            - `region_boxes` `[R, 4]` float64: each region's box in image pixels as given (masks reduced to
+              boxes), before the widening of tiny boxes; the box its record reports.
         """
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
@@ -432,7 +438,7 @@ class DynReferImageProcessor(BaseImageProcessor):
         threads = _thread_count(num_threads)
         view_selection = self.view_selection if view_selection is None else view_selection
         task = self.task if task is None else task
-        self._check_selection(view_selection, task)
+        self.check_view_selection(view_selection, task)
         single = _is_single_image(images)
         if single:
             images = [images]
@@ -447,6 +453,8 @@ class DynReferImageProcessor(BaseImageProcessor):
             raise ValueError("images is empty: give at least one image")
         arrays = [to_rgb_array(image) for image in images]
         regions = self._regions_per_image(arrays, boxes, masks, normalized_boxes, single)
+        given_boxes = [given for given, _ in regions]
+        regions = [checked for _, checked in regions]
         rng = random.Random(seed) if seed is not None else None
 
         num_views, out_h, out_w = self.num_views, self.size["height"], self.size["width"]
@@ -501,6 +509,7 @@ class DynReferImageProcessor(BaseImageProcessor):
             "view_ratios": torch.from_numpy(stacked(all_ratios, np.float32, (0, num_views))),
             "crop_boxes": torch.from_numpy(stacked(all_crops, np.int64, (0, num_views, 4))),
             "region_image_index": torch.tensor(image_index, dtype=torch.int64),
+            "region_boxes": torch.from_numpy(stacked(given_boxes, np.float64, (0, 4))),
         }
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}

@@ -1,15 +1,17 @@
-"""DynReferProcessor: the image processor (nested views) plus the tokenizer: text in (control prompts, caption
-labels) and text out (decoding and post-processing generated captions into region records)."""
+"""DynReferProcessor: the image processor (nested views) plus the tokenizer: images, regions and text in
+(control prompts, caption labels), region records out (`post_process_generation`,
+`post_process_region_captioning`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from .prompts import format_control_prompt, merge_control_words, parse_control_words
+from .prompts import ControlPromptTokens, format_control_prompt, merge_control_words, parse_control_words
 
 __all__ = ["DynReferProcessor"]
 
@@ -99,12 +101,13 @@ class DynReferProcessor(ProcessorMixin):
             texts, padding="longest", truncation=True, max_length=self.max_text_length, return_tensors="pt"
         )
 
-    @classmethod
-    def for_tokenizer(cls, tokenizer, max_text_length: int = 32) -> DynReferProcessor:
-        """A processor for the text side only (prompts, decoding): ``tokenizer`` with a default image processor."""
-        from .image_processing_dynrefer import DynReferImageProcessor
-
-        return cls(DynReferImageProcessor(), tokenizer, max_text_length=max_text_length)
+    def tokenize_tag_vocabulary(self, tag_names: Sequence[str]) -> dict[str, Any]:
+        """The tag vocabulary as this tokenizer writes it in a control prompt, for `DynReferConfig.control_prompt_tokens`
+        (`prompts.ControlPromptTokens`): with it the model puts its predicted tags into the prompt on token ids,
+        exactly as tokenising the text prompt would (`model.config.control_prompt_tokens =
+        processor.tokenize_tag_vocabulary(model.config.tag_names)`; the converter, the demo trainer and the
+        pipeline do this)."""
+        return ControlPromptTokens.from_tokenizer(self.tokenizer, tag_names, self.max_text_length).to_dict()
 
     def build_control_prompts(
         self,
@@ -135,50 +138,88 @@ class DynReferProcessor(ProcessorMixin):
         truncated to `max_text_length`), the model's `input_ids` for `forward` and `generate`."""
         return BatchFeature(data=dict(self._tokenize(self.build_control_prompts(controls, tags))))
 
-    @staticmethod
-    def tags_from_mask(tag_mask: torch.Tensor, tag_names: Sequence[str]) -> list[list[str]]:
-        """The names of the predicted tags of every region, in tag-list order, from a `[R, num_tags]` mask
-        (`DynReferForRegionCaptioning.predict_labels`)."""
-        if tag_mask.dim() != 2 or tag_mask.shape[1] != len(tag_names):
-            raise ValueError(f"tag_mask must be [R, {len(tag_names)}], got {list(tag_mask.shape)}")
-        return [[tag_names[i] for i in row.nonzero().flatten().tolist()] for row in tag_mask.cpu()]
-
-    def post_process_generation(
-        self,
-        sequences: torch.Tensor,
-        sequence_scores: torch.Tensor,
-        tags: Sequence[Sequence[str]],
-        attribute_scores: torch.Tensor,
-        class_scores: torch.Tensor,
-    ) -> list[dict]:
-        """Region records from the model's tensors (docs/upstream/model.md §16).
+    def post_process_generation(self, outputs, tag_names: Sequence[str]) -> list[dict]:
+        """Region records from `model.generate`'s output (docs/upstream/model.md §16), one per region of all
+        images, in order; from `model.label_regions`' output (heads only) without `caption` and `score`.
 
         Args:
-            sequences: `[R, N]` generated ids; sequence_scores: `[R]` their log-probabilities
-                (`model.sequence_scores`); tags: the predicted tag names per region (`tags_from_mask`);
-                attribute_scores `[R, num_attributes]`, class_scores `[R, num_classes]` (`model.predict_labels`).
+            outputs: a `DynReferGenerationOutput`.
+            tag_names: the model's tag vocabulary (`model.config.tag_names`).
 
         Returns:
-            `[{"caption": str, "score": float (exp of the sequence score), "tags": [str],
+            `[{"caption": str, "score": float (the caption's probability), "tags": [str] (tag-list order),
             "attribute_scores": [float] * num_attributes, "class_scores": [float] * num_classes}, ...]`.
         """
-        captions = self.batch_decode(sequences)
-        counts = {len(captions), len(sequence_scores), len(tags), len(attribute_scores), len(class_scores)}
-        if len(counts) != 1:
-            raise ValueError(f"post_process_generation got different numbers of regions: {sorted(counts)}")
-        scores = sequence_scores.float().exp().tolist()
-        return [
+        tag_mask = outputs["tag_mask"]
+        if tag_mask.dim() != 2 or tag_mask.shape[1] != len(tag_names):
+            raise ValueError(f"tag_mask must be [R, {len(tag_names)}] (one column per tag name), got {list(tag_mask.shape)}")
+        records = [
             {
-                "caption": caption,
-                "score": score,
-                "tags": list(region_tags),
+                "tags": [tag_names[i] for i in row.nonzero().flatten().tolist()],
                 "attribute_scores": attributes,
                 "class_scores": classes,
             }
-            for caption, score, region_tags, attributes, classes in zip(
-                captions, scores, tags, attribute_scores.tolist(), class_scores.tolist()
+            for row, attributes, classes in zip(
+                tag_mask.cpu(), outputs["attribute_scores"].tolist(), outputs["class_scores"].tolist()
             )
         ]
+        if outputs.get("sequences") is None:  # heads only
+            return records
+        captions = self.batch_decode(outputs["sequences"])
+        scores = outputs["sequences_scores"].float().exp().tolist()
+        if not len(captions) == len(scores) == len(records):
+            raise ValueError(f"the outputs hold {len(captions)} captions for {len(records)} regions")
+        return [
+            {"caption": caption, "score": score, **record} for caption, score, record in zip(captions, scores, records)
+        ]
+
+    def post_process_region_captioning(
+        self,
+        outputs,
+        inputs: Mapping[str, Any],
+        vocabulary,
+        attribute_top_k: int | None = 5,
+        return_views: bool = False,
+    ) -> list[list[dict]]:
+        """The `region-captioning` pipeline's records from `model.generate(**inputs)` (or `model.label_regions`),
+        one list per image of `inputs`:
+
+            inputs = processor(images=image, boxes=boxes)
+            records = processor.post_process_region_captioning(model.generate(**inputs), inputs, model.config)[0]
+
+        Args:
+            outputs: a `DynReferGenerationOutput`.
+            inputs: the processor's output the model ran on (for the region boxes and the views).
+            vocabulary: anything with `tag_names`, `attribute_names` and `class_names`: the model's config.
+            attribute_top_k: how many attributes to give per region, best first (`None`: all).
+            return_views: add each region's views (`"views": {"ratios", "crop_boxes", "view_boxes"}`).
+
+        Returns:
+            per image, per region `{"box": [x1, y1, x2, y2], "caption": str, "score": float, "tags": [str],
+            "attributes": [{"name", "score"}], "label": {"name", "score"} | None}` (no `caption` and `score` from
+            `label_regions`).
+        """
+        attribute_names = list(vocabulary.attribute_names or [])
+        class_names = list(vocabulary.class_names or [])
+        image_index = inputs["region_image_index"].tolist()
+        per_image: list[list[dict]] = [[] for _ in range(max(image_index, default=-1) + 1)]
+        for region, record in enumerate(self.post_process_generation(outputs, vocabulary.tag_names)):
+            result = {"box": [float(value) for value in inputs["region_boxes"][region].tolist()]}
+            if "caption" in record:
+                result.update(caption=record["caption"], score=float(record["score"]))
+            result.update(
+                tags=record["tags"],
+                attributes=_top_attributes(record["attribute_scores"], attribute_names, attribute_top_k),
+                label=_best_class(record["class_scores"], class_names),
+            )
+            if return_views:
+                result["views"] = {
+                    "ratios": inputs["view_ratios"][region].tolist(),
+                    "crop_boxes": inputs["crop_boxes"][region].tolist(),
+                    "view_boxes": inputs["view_boxes"][region].tolist(),
+                }
+            per_image[image_index[region]].append(result)
+        return per_image
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         """Decode generated token ids to captions (special tokens skipped by default, as upstream)."""
@@ -191,3 +232,27 @@ class DynReferProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["pixel_values", "view_boxes", "input_ids", "attention_mask"]
+
+
+def _top_attributes(scores: Sequence[float], names: Sequence[str], top_k: int | None) -> list[dict[str, Any]]:
+    """The ``top_k`` best attributes, best first (stable: ties keep vocabulary order)."""
+    if len(scores) != len(names):
+        raise ValueError(
+            f"the model gave {len(scores)} attribute scores but its config names {len(names)} attributes"
+        )
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    if top_k is not None:
+        order = order[:top_k]
+    return [{"name": names[i], "score": float(scores[i])} for i in order]
+
+
+def _best_class(scores: Sequence[float], names: Sequence[str]) -> dict[str, Any] | None:
+    """The class with the highest score (the first one on ties, as upstream's ``np.argmax``)."""
+    if len(scores) != len(names):
+        raise ValueError(
+            f"the model gave {len(scores)} class scores but its config names {len(names)} classes"
+        )
+    if not scores:
+        return None
+    best = int(np.argmax(np.asarray(scores)))
+    return {"name": names[best], "score": float(scores[best])}

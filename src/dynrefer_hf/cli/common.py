@@ -136,8 +136,7 @@ def load_region_captioner(
         return pipeline(
             "region-captioning",
             model=loaded,
-            tokenizer=model,
-            image_processor=model,
+            processor=model,
             revision=revision,
             device=device,
             allow_missing_weights=allow_missing_weights,

@@ -33,19 +33,17 @@ from transformers import GenerationMixin
 from transformers.pipelines.base import ChunkPipeline
 from transformers.utils import logging
 
-from ..image_processing_dynrefer import to_rgb_array
+from ..image_processing_dynrefer import as_region_boxes, to_rgb_array
 from ..pretrained import SHAPES_DEMO_PATH
 from ..segmentation import PointSegmenter, mask_to_rle, region_points
 from ..validation import (
     DEFAULT_DOWNLOAD_TIMEOUT,
-    binary_masks,
     check_bool,
     check_count,
     check_number,
     check_probability,
     check_top_k,
 )
-from ..views import mask_to_box
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -189,33 +187,6 @@ def _region_controls(controls, num_regions: int) -> list | None:
     return [words or [] for words in controls]
 
 
-def _as_boxes(boxes) -> np.ndarray:
-    """``boxes`` as a float64 array [N, 4] (xyxy); the image processor checks the coordinates."""
-    try:
-        array = np.asarray(boxes.cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError("boxes must be numbers shaped [[x1, y1, x2, y2], ...]") from None
-    if array.size == 0:
-        raise ValueError("boxes is empty: give at least one region")
-    if array.ndim == 1 and array.shape[0] == 4:
-        array = array[None]
-    if array.ndim != 2 or array.shape[1] != 4:
-        raise ValueError(f"boxes must be [[x1, y1, x2, y2], ...], got an array of shape {list(array.shape)}")
-    return array
-
-
-def _as_masks(masks) -> np.ndarray:
-    """``masks`` as a boolean array [N, H, W] (binary masks only: ``validation.binary_masks``)."""
-    array = binary_masks(masks)
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3:
-        raise ValueError(f"masks must be [N, H, W], got an array of shape {list(array.shape)}")
-    if len(array) == 0:
-        raise ValueError("masks is empty: give at least one region")
-    return array
-
-
 def register_pipeline() -> None:
     """Register ``RegionCaptioningPipeline`` as the transformers task ``"region-captioning"``.
 
@@ -251,21 +222,6 @@ def _count_regions(item: Mapping[str, Any]) -> int:
         return 1 if len(shape) == 2 else shape[0]
     except (ValueError, IndexError):  # malformed regions: `preprocess` names the problem
         return 1
-
-
-def _masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """The box of every mask [N, H, W] by upstream's rule (``views.mask_to_box``), as [N, 4] float64.
-
-    The image processor derives the same boxes from masks; deriving them here lets the pipeline report
-    them and send only boxes through its chunks.
-    """
-    boxes = []
-    for index, mask in enumerate(masks):
-        try:
-            boxes.append(mask_to_box(mask))
-        except ValueError as error:
-            raise ValueError(f"mask {index}: {error}") from None
-    return np.array(boxes, dtype=np.float64)
 
 
 class RegionCaptioningPipeline(ChunkPipeline):
@@ -315,10 +271,11 @@ class RegionCaptioningPipeline(ChunkPipeline):
     masked), so chunked and unchunked calls give the same results up to float rounding.
     """
 
-    _load_processor = False
-    _load_image_processor = True
+    # the DynReferProcessor (image processor + tokenizer) does the text and image work, as in BLIP-2's pipelines
+    _load_processor = True
+    _load_image_processor = False
     _load_feature_extractor = False
-    _load_tokenizer = True
+    _load_tokenizer = False
     _pipeline_calls_generate = True
 
     def __init__(self, *args, allow_missing_weights: bool = False, segmenter=None, **kwargs):
@@ -331,11 +288,20 @@ class RegionCaptioningPipeline(ChunkPipeline):
                 f"the checkpoint {self.model.name_or_path} lacks {len(missing)} of the model's tensors, which would "
                 f"be random: {shown}; pass allow_missing_weights=True to use it anyway"
             )
+        if self.processor is None:
+            raise ValueError(
+                "the region-captioning pipeline needs a DynReferProcessor: pass processor=, or a model folder or "
+                "repository that holds processor_config.json"
+            )
+        if self.model.config.control_prompt_tokens is None:  # a folder saved before the table existed
+            self.model.config.control_prompt_tokens = self.processor.tokenize_tag_vocabulary(
+                self.model.config.tag_names
+            )
         if _is_demo_model(self.model.name_or_path):
             logger.warning(DEMO_MODEL_NOTICE)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save the model, its tokenizer and its image processor into ``save_directory``, from which
+        """Save the model and its processor into ``save_directory``, from which
         ``pipeline("region-captioning", model=save_directory)`` loads the same pipeline back.
 
         Unlike ``Pipeline.save_pretrained`` no pipeline code is copied and no ``custom_pipelines`` entry is
@@ -347,8 +313,7 @@ class RegionCaptioningPipeline(ChunkPipeline):
             raise ValueError(f"save_directory must be a folder, but {save_directory} is a file")
         os.makedirs(save_directory, exist_ok=True)
         self.model.save_pretrained(save_directory, **kwargs)
-        self.tokenizer.save_pretrained(save_directory, **kwargs)
-        self.image_processor.save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory, **kwargs)
 
     def __call__(
         self,
@@ -514,6 +479,7 @@ class RegionCaptioningPipeline(ChunkPipeline):
         attribute_top_k=_NOT_GIVEN,
         return_views=None,
         exif_orientation=None,
+        generate_captions=None,
         **kwargs,
     ):
         # Every parameter is checked here, before any image is loaded or any region run.
@@ -521,10 +487,10 @@ class RegionCaptioningPipeline(ChunkPipeline):
         if region_batch_size is not None:
             preprocess_params["region_batch_size"] = check_count("batch_size", region_batch_size)
         if view_selection is not None or task is not None:
-            processor = self.image_processor
-            processor._check_selection(
-                processor.view_selection if view_selection is None else view_selection,
-                processor.task if task is None else task,
+            image_processor = self.processor.image_processor
+            image_processor.check_view_selection(
+                image_processor.view_selection if view_selection is None else view_selection,
+                image_processor.task if task is None else task,
             )
         image_processor_kwargs = {"view_selection": view_selection, "task": task}
         preprocess_params["image_processor_kwargs"] = {
@@ -550,6 +516,13 @@ class RegionCaptioningPipeline(ChunkPipeline):
             forward_params["generate_kwargs"] = generate_kwargs
         if tag_threshold is not None:
             forward_params["tag_threshold"] = check_probability("tag_threshold", tag_threshold)
+        if generate_captions is not None:
+            forward_params["generate_captions"] = check_bool("generate_captions", generate_captions)
+            if not generate_captions and generate_kwargs:
+                raise ValueError(
+                    f"generation parameters {sorted(generate_kwargs)} were given with generate_captions=False, "
+                    "which runs no generation"
+                )
 
         postprocess_params = {}
         if attribute_top_k is not _NOT_GIVEN:
@@ -611,108 +584,52 @@ class RegionCaptioningPipeline(ChunkPipeline):
         if not isinstance(inputs, Mapping) or "image" not in inputs:
             raise ValueError("each input must be an image or a dict with 'image' and 'boxes' or 'masks'")
         image = load_rgb_image(inputs["image"], timeout=timeout, exif_orientation=exif_orientation)
-        if inputs.get("boxes") is not None:
-            boxes = _as_boxes(inputs["boxes"])
-        elif inputs.get("masks") is not None:
-            masks = _as_masks(inputs["masks"])
-            if masks.shape[1:] != (image.height, image.width):
-                raise ValueError(
-                    f"masks are {masks.shape[2]}x{masks.shape[1]} but the image is {image.width}x{image.height}"
-                )
-            boxes = _masks_to_boxes(masks)
-        else:
+        if inputs.get("boxes") is None and inputs.get("masks") is None:
             raise ValueError("no regions given: pass boxes=[[x1, y1, x2, y2], ...] or masks=[N, H, W]")
+        boxes = as_region_boxes(
+            inputs.get("boxes"), inputs.get("masks"), image_size=(image.height, image.width), where="regions"
+        )
         num_regions = len(boxes)
+        if num_regions == 0:
+            raise ValueError(f"{'boxes' if inputs.get('boxes') is not None else 'masks'} is empty: give at least one region")
         controls = _region_controls(inputs.get("controls"), num_regions)
 
         for start in range(0, num_regions, region_batch_size):
             stop = min(start + region_batch_size, num_regions)
             try:
-                features = self.image_processor(
-                    image, boxes=[boxes[start:stop]], return_tensors="pt", **(image_processor_kwargs or {})
+                features = self.processor(
+                    images=image,
+                    boxes=[boxes[start:stop]],
+                    controls=None if controls is None else controls[start:stop],
+                    return_tensors="pt",
+                    **(image_processor_kwargs or {}),
                 )
             except ValueError as error:
                 if start == 0:
                     raise
                 # The processor numbers regions within the chunk it was given.
                 raise ValueError(f"{error} (region numbers counted from region {start})") from error
-            yield {
-                "pixel_values": features["pixel_values"],
-                "view_boxes": features["view_boxes"],
-                "view_ratios": features["view_ratios"],
-                "crop_boxes": features["crop_boxes"],
-                "boxes": boxes[start:stop],
-                "controls": None if controls is None else controls[start:stop],
-                "is_last": stop == num_regions,
-            }
+            yield {"inputs": features, "is_last": stop == num_regions}
 
-    def _forward(self, model_inputs, generate_kwargs=None, tag_threshold=None, progress=None):
-        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {})
-        records = self.model.describe_regions(
-            model_inputs["pixel_values"].to(self.dtype),
-            model_inputs["view_boxes"],
-            self.tokenizer,
-            controls=model_inputs["controls"],
-            tag_threshold=tag_threshold,
-            **generate_kwargs,
-        )
+    def _forward(self, model_inputs, generate_kwargs=None, tag_threshold=None, progress=None, generate_captions=True):
+        inputs = dict(model_inputs["inputs"])
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        if generate_captions:
+            outputs = self.model.generate(
+                **inputs, tag_threshold=tag_threshold, **self._prepare_generate_kwargs(generate_kwargs or {})
+            )
+            outputs.language_model_outputs = None  # per-step scores: not needed for the records
+        else:
+            outputs = self.model.label_regions(**inputs, tag_threshold=tag_threshold)
         if progress is not None:
-            progress.update(len(records))
-        return {
-            "records": records,
-            "boxes": model_inputs["boxes"],
-            "view_ratios": model_inputs["view_ratios"],
-            "crop_boxes": model_inputs["crop_boxes"],
-            "view_boxes": model_inputs["view_boxes"],
-            "is_last": model_inputs["is_last"],
-        }
+            progress.update(len(inputs["pixel_values"]))
+        return {"outputs": outputs, "inputs": model_inputs["inputs"], "is_last": model_inputs["is_last"]}
 
     def postprocess(self, model_outputs, attribute_top_k: int | None = 5, return_views: bool = False):
-        config = self.model.config
-        attribute_names = list(getattr(config, "attribute_names", None) or [])
-        class_names = list(getattr(config, "class_names", None) or [])
         results = []
-        for chunk in model_outputs:
-            for index, record in enumerate(chunk["records"]):
-                result = {
-                    "box": [float(value) for value in chunk["boxes"][index]],
-                    "caption": record["caption"],
-                    "score": float(record["score"]),
-                    "tags": list(record["tags"]),
-                    "attributes": _top_attributes(
-                        record["attribute_scores"], attribute_names, attribute_top_k
-                    ),
-                    "label": _best_class(record["class_scores"], class_names),
-                }
-                if return_views:
-                    result["views"] = {
-                        "ratios": chunk["view_ratios"][index].tolist(),
-                        "crop_boxes": chunk["crop_boxes"][index].tolist(),
-                        "view_boxes": chunk["view_boxes"][index].tolist(),
-                    }
-                results.append(result)
+        for chunk in model_outputs:  # every chunk holds regions of one image
+            (records,) = self.processor.post_process_region_captioning(
+                chunk["outputs"], chunk["inputs"], self.model.config, attribute_top_k, return_views
+            )
+            results.extend(records)
         return results
-
-
-def _top_attributes(scores: Sequence[float], names: Sequence[str], top_k: int | None) -> list[dict[str, Any]]:
-    """The ``top_k`` best attributes, best first (stable: ties keep vocabulary order)."""
-    if len(scores) != len(names):
-        raise ValueError(
-            f"the model gave {len(scores)} attribute scores but its config names {len(names)} attributes"
-        )
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    if top_k is not None:
-        order = order[:top_k]
-    return [{"name": names[i], "score": float(scores[i])} for i in order]
-
-
-def _best_class(scores: Sequence[float], names: Sequence[str]) -> dict[str, Any] | None:
-    """The class with the highest score (the first one on ties, as upstream's ``np.argmax``)."""
-    if len(scores) != len(names):
-        raise ValueError(
-            f"the model gave {len(scores)} class scores but its config names {len(names)} classes"
-        )
-    if not scores:
-        return None
-    best = int(np.argmax(np.asarray(scores)))
-    return {"name": names[best], "score": float(scores[best])}

@@ -92,7 +92,7 @@ class RegionTrainingCollator:
             seed=rng.randrange(2**32),
         )
         batch = dict(batch)
-        for key in ("view_ratios", "crop_boxes", "region_image_index"):
+        for key in ("view_ratios", "crop_boxes", "region_image_index", "region_boxes"):
             batch.pop(key, None)
         batch["tag_labels"] = self._tag_targets(region_tags)
         batch["attribute_labels"] = self._attribute_targets(records)
