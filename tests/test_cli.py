@@ -180,3 +180,17 @@ def test_malformed_argument_is_a_usage_error(args, message, image_path, capsys):
         main(["caption", image_path, *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_no_captions_gives_the_labels_of_the_full_run(full_run, tiny_region_captioner, image_path, capsys):
+    payload, _ = full_run
+    arguments = ["caption", image_path, *BOX_ARGS, "--model", str(tiny_region_captioner), "--device", "cpu"]
+    assert main([*arguments, "--json", "--no-captions", "--controls", "dog,grass"]) == 0
+    regions = json.loads(capsys.readouterr().out)["regions"]
+    for region, full in zip(regions, payload["regions"], strict=True):
+        assert set(region) == {"box", "tags", "attributes", "label"}
+        assert region == {key: full[key] for key in region}
+    assert main([*arguments, "--no-captions"]) == 0
+    assert "-" in capsys.readouterr().out.splitlines()[2].split()[2:4]  # no caption, no score in the table
+    assert main([*arguments, "--no-captions", "--max-new-tokens", "3"]) == 2
+    assert "generate_captions=False" in capsys.readouterr().err

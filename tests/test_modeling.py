@@ -41,6 +41,13 @@ def make_views(seed=0, regions=REGIONS):
     return pixel_values, view_boxes
 
 
+def make_processor(tokenizer):
+    from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
+    from dynrefer_hf.processing_dynrefer import DynReferProcessor
+
+    return DynReferProcessor(DynReferImageProcessor(size={"height": SIZE, "width": SIZE}), tokenizer)
+
+
 def make_batch(tokenizer, regions=REGIONS):
     prompts = ["person,dog|", "|", "car,tree|", "horse|"][:regions]
     captions = ["a white dog lying on green grass", "the man riding a horse", "a parked car", "a horse"][
@@ -534,11 +541,12 @@ def test_generate_feeds_visual_prefix_and_control_tokens_with_cem_memory(tokeniz
         view_boxes,
         control.input_ids,
         control.attention_mask,
+        add_predicted_tags=False,  # the prompts are given whole
         num_beams=1,
         max_new_tokens=steps,
         min_new_tokens=steps,
         repetition_penalty=1.0,
-    )
+    ).sequences
     with torch.no_grad():
         queries = model.get_region_queries(pixel_values, view_boxes)
         embed = model.language_model.get_input_embeddings()
@@ -569,16 +577,22 @@ def test_generation_defaults_are_the_released_ones(tmp_path):
     assert AutoModel.from_pretrained(tmp_path).generation_config.num_beams == 2
 
 
-def test_describe_regions_records(tokenizer):
+def test_generate_prompts_user_words_then_predicted_tags_as_the_tokenizer_writes_them(tokenizer):
+    """§12 on token ids: the prompt `generate` builds equals the tokenised text prompt of the processor, and the
+    captions are those of generating from that text prompt."""
     model = make_tiny_model()
+    processor = make_processor(tokenizer)
     pixel_values, view_boxes = make_views()
     with torch.no_grad():
         queries = model.get_region_queries(pixel_values, view_boxes)
         tag_probs = torch.sigmoid(model.tag_logits(queries).to(torch.bfloat16))
     threshold = tag_probs.float().median().item()
-    records = model.describe_regions(
-        pixel_values, view_boxes, tokenizer, controls=[["sky"], "red,  blue"], tag_threshold=threshold
+    user = [["sky", "dog"], "red,  blue"]
+    user_ids = processor.encode_control_prompts(user)
+    out = model.generate(
+        pixel_values, view_boxes, **user_ids, tag_threshold=threshold, output_scores=True, return_dict_in_generate=True
     )
+    records = processor.post_process_generation(out, model.config.tag_names)
     assert len(records) == REGIONS
     prompts = []
     for r, record in enumerate(records):
@@ -587,19 +601,105 @@ def test_describe_regions_records(tokenizer):
         assert record["tags"] == expected_tags and expected_tags  # tag-list order
         assert len(record["attribute_scores"]) == 3 and len(record["class_scores"]) == 5
         assert 0 < record["score"] <= 1
-        user = ["sky"] if r == 0 else ["red", "blue"]
-        prompts.append(format_control_prompt(list(dict.fromkeys(user + expected_tags))))
+        words = ["sky", "dog"] if r == 0 else ["red", "blue"]
+        prompts.append(format_control_prompt(list(dict.fromkeys(words + expected_tags))))
+    assert {"sky", "dog"} & set(records[0]["tags"])  # a user word that is also a predicted tag comes once
     control = tokenizer(prompts, padding="longest", truncation=True, max_length=32, return_tensors="pt")
-    out = model.generate(
-        pixel_values,
-        view_boxes,
-        control.input_ids,
-        control.attention_mask,
-        output_scores=True,
-        return_dict_in_generate=True,
+    assert torch.equal(out.input_ids, control.input_ids) and torch.equal(out.attention_mask, control.attention_mask)
+    whole = model.generate(pixel_values, view_boxes, **control, add_predicted_tags=False)
+    assert [r["caption"] for r in records] == tokenizer.batch_decode(whole.sequences, skip_special_tokens=True)
+    assert torch.allclose(torch.tensor([r["score"] for r in records]), whole.sequences_scores.exp())
+    assert torch.allclose(out.sequences_scores, out.language_model_outputs.sequences_scores)
+
+
+def test_control_prompt_tokens_equal_the_tokenized_text_prompt(tokenizer):
+    """The token-level prompt of `ControlPromptTokens` against the slow reference, the tokenizer on the text
+    prompt, over random user words and tag sets, truncation included."""
+    import random
+
+    from dynrefer_hf.prompts import ControlPromptTokens, merge_control_words
+
+    tags = list(make_tiny_config().tag_names)
+    table = ControlPromptTokens.from_tokenizer(tokenizer, tags, max_length=16)
+    rng = random.Random(0)
+    for _ in range(300):
+        user = rng.sample([*tags, "sky", "red ball", "blue"], rng.randint(0, 3))
+        chosen = sorted(rng.sample(range(len(tags)), rng.randint(0, 8)))
+        text = format_control_prompt(merge_control_words(user, [tags[i] for i in chosen]))
+        expected = tokenizer(text, truncation=True, max_length=16).input_ids
+        user_ids = tokenizer(format_control_prompt(user), truncation=True, max_length=16).input_ids if user else None
+        assert table.prompt_ids(user_ids, chosen) == expected, (user, chosen)
+    with pytest.raises(ValueError, match="cannot hold"):
+        ControlPromptTokens.from_tokenizer(tokenizer, ["dog", "a,b"], max_length=16)
+
+
+def test_generate_without_a_tokenised_tag_vocabulary_says_how_to_build_it():
+    model = make_tiny_model(control_prompt_tokens=None)
+    pixel_values, view_boxes = make_views()
+    with pytest.raises(ValueError, match="tokenize_tag_vocabulary"):
+        model.generate(pixel_values, view_boxes, max_new_tokens=2)
+    assert model.generate(pixel_values, view_boxes, add_predicted_tags=False, max_new_tokens=2).sequences.shape[0] == 2
+
+
+def test_generate_takes_the_processors_output_and_label_regions_matches_its_labels(tokenizer):
+    """`generate(**processor(...))`: the processor's bookkeeping keys are accepted; the heads-only
+    `label_regions` gives the labels of the full path."""
+    import numpy as np
+
+    model = make_tiny_model()
+    processor = make_processor(tokenizer)
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    inputs = processor(images=image, boxes=[[5, 5, 40, 30], [0, 0, 80, 60]], controls=[["sky"], []])
+    full = model.generate(**inputs, max_new_tokens=3)
+    heads = model.label_regions(**inputs)
+    assert heads.sequences is None and heads.language_model_outputs is None
+    for key in ("tag_logits", "tag_mask", "attribute_scores", "class_scores"):
+        assert torch.equal(heads[key], full[key]), key
+    with pytest.raises(TypeError, match="unexpected"):
+        model.label_regions(**inputs, num_beams=2)
+
+
+def test_identical_views_go_through_the_vision_tower_once_with_the_outputs_of_running_every_view():
+    from tiny import make_varied_tiny_model
+
+    model = make_varied_tiny_model()
+    pixel_values, view_boxes = make_views(regions=3)
+    pixel_values[:, 2] = pixel_values[0, 2]  # the whole image (t = 1): the same view for every region
+    pixel_values[1, 1] = pixel_values[0, 2]  # a selection that picked t = 1 twice
+    batches = []
+    model.vision_model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(len(kwargs["pixel_values"])), with_kwargs=True
     )
-    assert [r["caption"] for r in records] == tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-    assert torch.allclose(torch.tensor([r["score"] for r in records]), out.sequences_scores.exp())
+    with torch.no_grad():
+        once = model(pixel_values, view_boxes, output_hidden_states=True)
+        once_generated = model.generate(pixel_values, view_boxes, max_new_tokens=4)
+        model.config.deduplicate_views = False  # the reference: every view through the tower
+        every = model(pixel_values, view_boxes, output_hidden_states=True)
+        every_generated = model.generate(pixel_values, view_boxes, max_new_tokens=4)
+    assert batches == [6, 6, 9, 9]  # 9 views, 6 distinct
+    for got, expected in (
+        (once.vision_outputs.last_hidden_state, every.vision_outputs.last_hidden_state),
+        (once.vision_outputs.pooler_output, every.vision_outputs.pooler_output),
+        (once.region_queries, every.region_queries),
+        (once.tag_logits, every.tag_logits),
+        *zip(once.vision_outputs.hidden_states, every.vision_outputs.hidden_states, strict=True),
+    ):
+        assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(once_generated.sequences, every_generated.sequences)
+    assert torch.equal(once_generated.tag_mask, every_generated.tag_mask)
+
+
+def test_unique_views_finds_exactly_the_equal_views():
+    from dynrefer_hf.modeling_view_encoder import unique_views
+
+    images = torch.randn(5, 3, 64, 64)
+    assert unique_views(images) is None
+    images[3] = images[1]
+    images[4] = images[1].clone()
+    images[4, 2, 7, 7] += 1e-6  # one pixel apart, one the strided sample skips: a distinct view
+    first_index, inverse = unique_views(images)
+    assert first_index.tolist() == [0, 1, 2, 4] and inverse.tolist() == [0, 1, 2, 1, 3]
+    assert torch.equal(images[first_index][inverse], images)
 
 
 def test_head_scores_at_inference():
@@ -626,19 +726,19 @@ def test_head_scores_at_inference():
     assert not torch.equal(exact, exact.to(torch.bfloat16).float())
 
 
-def test_greedy_describe_scores_are_summed_log_probabilities(tokenizer):
+def test_greedy_scores_are_summed_log_probabilities(tokenizer):
     model = make_tiny_model()
     pixel_values, view_boxes = make_views()
-    records = model.describe_regions(
+    outputs = model.generate(
         pixel_values,
         view_boxes,
-        tokenizer,
         tag_threshold=1.0,
         num_beams=1,
         max_new_tokens=3,
         min_new_tokens=3,
         repetition_penalty=1.0,
     )
+    records = make_processor(tokenizer).post_process_generation(outputs, model.config.tag_names)
     assert not any(r["tags"] for r in records)  # no tag passes a threshold of 1: the prompt is "|"
     control = tokenizer(["|"] * REGIONS, return_tensors="pt")
     with torch.no_grad():
@@ -821,8 +921,33 @@ def test_causal_language_model_variant(tokenizer):
     assert torch.allclose(out.loss_caption, expected, atol=1e-5)
     out.loss_caption.backward()
     assert model.language_projection.weight.grad is not None and model.cem_memory.grad.abs().sum() > 0
-    records = model.describe_regions(pixel_values, view_boxes, tokenizer, max_new_tokens=3)
-    assert len(records) == REGIONS and all(isinstance(r["caption"], str) for r in records)
+
+    # generate(**processor(...)) through the bridge, against greedy decoding written out step by step
+    import numpy as np
+
+    processor = make_processor(tokenizer)
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    inputs = processor(images=image, boxes=[[5, 5, 40, 30], [20, 10, 70, 55]], controls=["dog", "man"])
+    steps = 4
+    generated = model.generate(
+        **inputs, tag_threshold=1.0, num_beams=1, max_new_tokens=steps, min_new_tokens=steps, repetition_penalty=1.0
+    )
+    prompts = tokenizer(["dog|", "man|"], return_tensors="pt")  # no tag passes a threshold of 1
+    assert torch.equal(generated.input_ids, prompts.input_ids) and prompts.attention_mask.all()
+    with torch.no_grad():
+        queries = model.get_region_queries(inputs["pixel_values"], inputs["view_boxes"])
+        embed = model.language_model.get_input_embeddings()
+        sequence = torch.cat([model.language_projection(queries), embed(prompts.input_ids) + model.cem_memory], dim=1)
+        decoded = torch.zeros(2, 0, dtype=torch.long)
+        for _ in range(steps):
+            logits = model.language_model(inputs_embeds=sequence).logits[:, -1]
+            logits[:, 1] = -float("inf")  # min_new_tokens forbids EOS
+            token = logits.argmax(-1, keepdim=True)
+            decoded = torch.cat([decoded, token], dim=1)
+            sequence = torch.cat([sequence, embed(token)], dim=1)
+    assert torch.equal(generated.sequences, decoded)
+    records = processor.post_process_region_captioning(generated, inputs, model.config)[0]
+    assert [r["caption"] for r in records] == tokenizer.batch_decode(decoded, skip_special_tokens=True)
 
 
 # ------------------------------------------------------------------------------------ vocabulary
@@ -864,9 +989,14 @@ def test_set_vocabulary_recomputes_tables(tokenizer):
         ids = tokenizer(["red car"], return_tensors="pt").input_ids  # unpadded: EOT is the last token
         alone = model.text_encoder(input_ids=ids).text_embeds[0]
     assert torch.allclose(model.clip_embeds[1], alone, atol=1e-5)
+    assert model.config.control_prompt_tokens is None  # the old tags' pieces are gone: rebuilt from the tokenizer
+    model.config.control_prompt_tokens = make_processor(tokenizer).tokenize_tag_vocabulary(model.config.tag_names)
     pixel_values, view_boxes = make_views()
-    records = model.describe_regions(pixel_values, view_boxes, tokenizer, max_new_tokens=2)
+    outputs = model.generate(pixel_values, view_boxes, max_new_tokens=2, tag_threshold=0.0)
+    records = make_processor(tokenizer).post_process_generation(outputs, model.config.tag_names)
     assert len(records[0]["attribute_scores"]) == 2 and len(records[0]["class_scores"]) == 2
+    assert records[0]["tags"] == ["dog", "red car", "tree"]
+    assert tokenizer.decode(outputs.input_ids[0], skip_special_tokens=True) == "dog,red car,tree|"
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -901,8 +1031,8 @@ def test_bad_targets_raise(tokenizer):
         model(pixel_values, view_boxes, caption_embeds=torch.zeros(REGIONS + 1, 32))
     with pytest.raises(ValueError, match="input_ids"):
         model(pixel_values, view_boxes, input_ids=torch.zeros(REGIONS + 1, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="controls"):
-        model.describe_regions(pixel_values, view_boxes, tokenizer, controls=[["a"]])
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(pixel_values, view_boxes, input_ids=torch.ones(REGIONS + 1, 3, dtype=torch.long))
 
 
 def test_nested_outputs_decoder_input_ids_and_eager_attention(tokenizer):

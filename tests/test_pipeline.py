@@ -45,19 +45,14 @@ def threshold_tagging_about_half(describe, image_path, boxes):
 
 
 def region_by_region(describe, image_path, boxes, controls, tag_threshold=None, **generate_kwargs):
-    """Reference: each region through the image processor and ``describe_regions`` on its own."""
+    """Reference: each region through the processor and ``model.generate`` on its own."""
     image = PIL.Image.open(image_path).convert("RGB")
     records = []
     for box, words in zip(boxes, controls):
-        features = describe.image_processor(image, boxes=[[box]])
-        records += describe.model.describe_regions(
-            features["pixel_values"].to(describe.model.dtype),
-            features["view_boxes"],
-            describe.tokenizer,
-            controls=[words],
-            tag_threshold=tag_threshold,
-            **generate_kwargs,
-        )
+        inputs = describe.processor(images=image, boxes=[[box]], controls=[words])
+        inputs["pixel_values"] = inputs["pixel_values"].to(describe.model.dtype)
+        outputs = describe.model.generate(**inputs, tag_threshold=tag_threshold, **generate_kwargs)
+        records += describe.processor.post_process_generation(outputs, describe.model.config.tag_names)
     return records
 
 
@@ -159,13 +154,13 @@ def test_any_batch_size_gives_the_region_by_region_results(describe, model_folde
 
 def test_batch_size_sets_the_regions_per_forward_pass(describe, images, monkeypatch):
     chunk_sizes = []
-    describe_regions = describe.model.describe_regions
+    generate = describe.model.generate
 
-    def counting(pixel_values, *args, **kwargs):
-        chunk_sizes.append(len(pixel_values))
-        return describe_regions(pixel_values, *args, **kwargs)
+    def counting(**inputs):
+        chunk_sizes.append(len(inputs["pixel_values"]))
+        return generate(**inputs)
 
-    monkeypatch.setattr(describe.model, "describe_regions", counting)
+    monkeypatch.setattr(describe.model, "generate", counting)
     boxes = [[10, 20, 200, 300]] * 5
     describe(images[0], boxes=boxes, batch_size=2, max_new_tokens=2)
     assert chunk_sizes == [2, 2, 1]
@@ -175,12 +170,7 @@ def test_batch_size_sets_the_regions_per_forward_pass(describe, images, monkeypa
     )  # default: 20 regions, chunks never span images
     assert chunk_sizes == [5, 3]
     chunk_sizes.clear()
-    set_at_init = RegionCaptioningPipeline(
-        model=describe.model,
-        tokenizer=describe.tokenizer,
-        image_processor=describe.image_processor,
-        batch_size=4,
-    )
+    set_at_init = RegionCaptioningPipeline(model=describe.model, processor=describe.processor, batch_size=4)
     set_at_init(images[0], boxes=boxes, max_new_tokens=2)
     assert chunk_sizes == [4, 1]
 
@@ -188,22 +178,26 @@ def test_batch_size_sets_the_regions_per_forward_pass(describe, images, monkeypa
 def test_views_of_the_next_chunk_are_built_while_the_model_runs(describe, monkeypatch):
     events = []
     next_views_built = threading.Event()
-    image_processor, describe_regions = describe.image_processor, describe.model.describe_regions
+    processor, generate = describe.processor, describe.model.generate
 
-    def building(*args, **kwargs):
-        events.append(("views", threading.current_thread() is threading.main_thread()))
-        features = image_processor(*args, **kwargs)
-        if len(events) > 1:
-            next_views_built.set()
-        return features
+    class Building:  # the pipeline's processor, recording when views are built
+        def __call__(self, *args, **kwargs):
+            events.append(("views", threading.current_thread() is threading.main_thread()))
+            features = processor(*args, **kwargs)
+            if len(events) > 1:
+                next_views_built.set()
+            return features
 
-    def describing(*args, **kwargs):
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+    def describing(**inputs):
         # the first forward pass waits until the second chunk's views exist: they are built meanwhile
         events.append(("model", next_views_built.wait(timeout=60)))
-        return describe_regions(*args, **kwargs)
+        return generate(**inputs)
 
-    monkeypatch.setattr(describe, "image_processor", building)
-    monkeypatch.setattr(describe.model, "describe_regions", describing)
+    monkeypatch.setattr(describe, "processor", Building())
+    monkeypatch.setattr(describe.model, "generate", describing)
     image = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     results = describe(image, boxes=[[10, 20, 200, 230]] * 3, batch_size=2, max_new_tokens=2)
     assert len(results) == 3
@@ -233,7 +227,7 @@ def test_prefetched_keeps_order_raises_when_due_and_closes_its_source():
     assert log == ["closed"]
 
 
-def test_controls_reach_the_prompt_as_describe_regions_places_them(describe, images):
+def test_controls_reach_the_prompt_before_the_predicted_tags(describe, images):
     box = [[300, 100, 600, 400]]
     plain = describe(images[0], boxes=box, **GENERATION)[0]
     steered = describe(images[0], boxes=box, controls="dog,grass", **GENERATION)[0]
@@ -329,7 +323,11 @@ def test_progress_bar_counts_regions(describe, images, capsys):
             ValueError,
             "mask 0: the mask is empty",
         ),
-        (lambda d, image: d(image, masks=np.ones((1, 4, 4), bool)), ValueError, "masks are 4x4"),
+        (
+            lambda d, image: d(image, masks=np.ones((1, 4, 4), bool)),
+            ValueError,
+            r"masks must be \[R, H, W\] with the image's \(H, W\) = \(478, 640\), got \[1, 4, 4\]",
+        ),
         (lambda d, image: d([image, image], boxes=[[[1, 1, 9, 9]]]), ValueError, "one entry per image"),
         (
             lambda d, image: d(image, boxes=[[1, 1, 9, 9]], controls=[["a"], ["b"]]),
@@ -354,3 +352,51 @@ def test_unreadable_image_file(describe, tmp_path):
     path.write_text("hello")
     with pytest.raises(ValueError, match="not a readable image"):
         describe(str(path), boxes=[[1, 1, 9, 9]])
+
+
+def test_generate_on_the_processors_output_gives_the_pipelines_records(describe, images):
+    """The Transformers way, `model.generate(**processor(...))` and the processor's post-processing, gives what
+    the pipeline gives (user words and views included)."""
+    image = PIL.Image.open(images[0]).convert("RGB")
+    boxes = [[10, 20, 200, 300], [300, 100, 600, 400], [0, 0, 640, 478]]
+    controls = [["dog"], [], "red,car"]
+    expected = describe(image, boxes=boxes, controls=controls, return_views=True, **GENERATION)
+    model, processor = describe.model, describe.processor
+    inputs = processor(images=image, boxes=boxes, controls=controls)
+    outputs = model.generate(**inputs, **GENERATION)
+    assert processor.post_process_region_captioning(outputs, inputs, model.config, return_views=True) == [expected]
+
+
+def test_generate_gives_the_demo_pipelines_records_exactly():
+    """On the shipped demonstration model (its saved control-prompt table) the two ways agree exactly."""
+    from transformers import AutoModel, AutoProcessor
+
+    from dynrefer_hf.pretrained import SHAPES_DEMO_PATH
+
+    image = np.random.default_rng(1).integers(0, 256, (200, 260, 3), dtype=np.uint8)
+    boxes = [[10, 10, 120, 120], [50, 60, 200, 180], [0, 0, 260, 200]]
+    controls = [["red"], [], "blue,circle"]
+    expected = pipeline("region-captioning", device="cpu")(image, boxes=boxes, controls=controls)
+    model, processor = AutoModel.from_pretrained(SHAPES_DEMO_PATH), AutoProcessor.from_pretrained(SHAPES_DEMO_PATH)
+    assert model.config.control_prompt_tokens == processor.tokenize_tag_vocabulary(model.config.tag_names)
+    inputs = processor(images=image, boxes=boxes, controls=controls)
+    assert processor.post_process_region_captioning(model.generate(**inputs), inputs, model.config) == [expected]
+
+
+def test_heads_only_gives_the_full_paths_labels_without_the_language_model(describe, images, monkeypatch):
+    boxes = [[10, 20, 200, 300], [300, 100, 600, 400]]
+    full = describe(images[0], boxes=boxes, attribute_top_k=None, **GENERATION)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the language model ran")
+
+    monkeypatch.setattr(describe.model.language_model, "forward", refuse)
+    monkeypatch.setattr(describe.model.language_model, "generate", refuse)
+    heads = describe(images[0], boxes=boxes, attribute_top_k=None, generate_captions=False)
+    for got, result in zip(heads, full, strict=True):
+        assert set(got) == {"box", "tags", "attributes", "label"}
+        assert got == {key: result[key] for key in got}
+    with pytest.raises(ValueError, match="generate_captions=False"):
+        describe(images[0], boxes=boxes, generate_captions=False, max_new_tokens=3)
+    with pytest.raises(TypeError, match="generate_captions"):
+        describe(images[0], boxes=boxes, generate_captions="no")

@@ -205,7 +205,7 @@ def test_box_errors(image_processor, small_image):
             image_processor(small_image, boxes=[[0, 0, bad, 10]])
     with pytest.raises(ValueError, match="covers no pixel"):
         image_processor(small_image, boxes=[[100, 10, 120, 20]])
-    with pytest.raises(ValueError, match=r"\[R, 4\]"):
+    with pytest.raises(ValueError, match=r"image 0: boxes must be \[\[x1, y1, x2, y2\], \.\.\.\], got an array of shape \[1, 3\]"):
         image_processor(small_image, boxes=[[1, 2, 3]])
     with pytest.raises(ValueError, match="one entry per image"):
         image_processor([small_image, small_image], boxes=[[[0, 0, 5, 5]]])

@@ -57,7 +57,8 @@ def no_forward(describe, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model ran although the input was refused")
 
-    monkeypatch.setattr(describe.model, "describe_regions", forbidden)
+    monkeypatch.setattr(describe.model, "generate", forbidden)
+    monkeypatch.setattr(describe.model, "label_regions", forbidden)
     return describe
 
 
@@ -351,7 +352,7 @@ def test_generate_pads_finished_beams_with_the_pad_id():
     torch.manual_seed(0)
     pixel_values = torch.randn(6, 3, 3, 56, 56)
     view_boxes = torch.tensor([[[0.0, 0.0, 56.0, 56.0]] * 3] * 6)
-    sequences = model.generate(pixel_values, view_boxes, num_beams=2, max_new_tokens=12)
+    sequences = model.generate(pixel_values, view_boxes, num_beams=2, max_new_tokens=12).sequences
     pad, eos = model.generation_config.pad_token_id, model.generation_config.eos_token_id
     finished_early = 0
     for row in sequences[:, 1:].tolist():  # after the decoder start token

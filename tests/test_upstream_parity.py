@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from tiny import make_tiny_model, make_tiny_tokenizer
 
+from dynrefer_hf.image_processing_dynrefer import DynReferImageProcessor
 from dynrefer_hf.modeling_dynrefer import asymmetric_loss
+from dynrefer_hf.processing_dynrefer import DynReferProcessor
 
 REGIONS, VIEWS, IMAGE, PATCH = 3, 3, 56, 14
 # integer-valued target boxes in each view's pixels (views.md); region 0 view 2 is narrower than one patch
@@ -516,6 +518,7 @@ def test_generation_uses_released_defaults_and_scores(model, inputs, tokenizer, 
             view_boxes,
             input_ids=control.input_ids,
             attention_mask=control.attention_mask,
+            add_predicted_tags=False,
             output_scores=True,
             return_dict_in_generate=True,
         )
@@ -523,24 +526,9 @@ def test_generation_uses_released_defaults_and_scores(model, inputs, tokenizer, 
     assert torch.allclose(actual.sequences_scores, expected.sequences_scores, atol=1e-4)
 
 
-def recording_tokenizer(tokenizer):
-    """A copy of ``tokenizer`` (of a subclass of its class, as the processor checks tokenizer types) that
-    records the texts and keyword arguments it was called with in ``.calls``."""
-    import copy
-
-    class RecordingTokenizer(type(tokenizer)):
-        def __call__(self, texts, **kwargs):
-            self.calls.append((list(texts), kwargs))
-            return super().__call__(texts, **kwargs)
-
-    recorder = copy.copy(tokenizer)
-    recorder.__class__ = RecordingTokenizer
-    recorder.calls = []
-    return recorder
-
-
-def test_describe_regions_prompts_scores_and_records(model, inputs, tokenizer, region_queries):
-    """§12 control prompt (user words first, then tags in tag-list order), §11 score, §16 record fields."""
+def test_generated_prompts_scores_and_records(model, inputs, tokenizer, region_queries):
+    """§12 control prompt (user words first, then tags in tag-list order; built on token ids, equal to the
+    tokenised text prompt), §11 score, §16 record fields."""
     pixel_values, view_boxes = inputs
     config = model.config
     with torch.no_grad():
@@ -553,21 +541,20 @@ def test_describe_regions_prompts_scores_and_records(model, inputs, tokenizer, r
     ]
     assert any(tags) and all(len(t) < config.num_tags for t in tags)
     user = [["red ball"], [], [tags[2][0] if tags[2] else "sky", "blue"]]
-    recorder = recording_tokenizer(tokenizer)
-    records = model.describe_regions(
-        pixel_values, view_boxes, recorder, controls=user, tag_threshold=threshold
+    processor = DynReferProcessor(DynReferImageProcessor(), tokenizer)
+    outputs = model.generate(
+        pixel_values, view_boxes, **processor.encode_control_prompts(user), tag_threshold=threshold
     )
+    records = processor.post_process_generation(outputs, config.tag_names)
     expected_prompts = []
     for words, region_tags in zip(user, tags):
         merged = list(words) + [tag for tag in region_tags if tag not in words]
         expected_prompts.append(",".join(merged) + "|")
-    texts, kwargs = recorder.calls[0]
-    assert texts == expected_prompts
-    assert kwargs["padding"] == "longest" and kwargs["truncation"] and kwargs["max_length"] == 32
-
     control = tokenizer(
         expected_prompts, padding="longest", truncation=True, max_length=32, return_tensors="pt"
     )
+    assert torch.equal(outputs.input_ids, control.input_ids)
+    assert torch.equal(outputs.attention_mask, control.attention_mask)
     embeds, mask = reference_encoder_inputs(model, region_queries, control.input_ids, control.attention_mask)
     with torch.no_grad():
         generated = model.language_model.generate(

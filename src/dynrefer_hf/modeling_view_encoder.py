@@ -86,7 +86,8 @@ def unique_views(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     are found exactly: candidates by a strided sample of their pixels, confirmed by comparing every pixel.
     """
     flat = images.flatten(1)
-    sample = flat[:, :: max(flat.shape[1] // 1024, 1)].detach().cpu().numpy()
+    stride = max(flat.shape[1] // 1024, 1)
+    sample = flat[:, ::stride].detach().contiguous().cpu().view(torch.uint8).numpy()  # raw bytes: any dtype
     groups: dict[bytes, list[int]] = {}
     first_index, inverse = [], []
     for index in range(flat.shape[0]):

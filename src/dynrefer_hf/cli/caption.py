@@ -76,6 +76,11 @@ def register(subparsers) -> None:
         help="caption length limit in tokens (default: the model's)",
     )
     parser.add_argument(
+        "--no-captions",
+        action="store_true",
+        help="tags, attributes and class only: the language model does not run (much faster)",
+    )
+    parser.add_argument(
         "--top-attributes", type=count(0), default=3, help="attributes shown per region (default 3)"
     )
     parser.add_argument(
@@ -148,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             tag_threshold=args.tag_threshold,
             attribute_top_k=args.top_attributes,
             return_views=bool(args.show_views),
+            generate_captions=not args.no_captions,
             **({} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}),
         )
     except (ValueError, TypeError) as error:
@@ -166,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             [result["views"]["view_boxes"] for result in results],
             [result["views"]["ratios"] for result in results],
             view_size=(describe.image_processor.size["height"], describe.image_processor.size["width"]),
-            captions=[result["caption"] for result in results],
+            captions=[result.get("caption", "") for result in results],
         ).save(args.show_views)
         print(f"wrote {args.show_views}", file=sys.stderr)
         for result in results:
@@ -215,8 +221,8 @@ def format_table(results: Sequence[Mapping]) -> str:
             (
                 str(index),
                 _format_box(result["box"]),
-                result["caption"],
-                f"{result['score']:.3g}",
+                result.get("caption", "-"),
+                f"{result['score']:.3g}" if "score" in result else "-",
                 f"{label['name']} ({label['score']:.2f})" if label else "-",
                 ", ".join(result["tags"]) or "-",
                 ", ".join(f"{item['name']} {item['score']:.2f}" for item in result["attributes"]) or "-",

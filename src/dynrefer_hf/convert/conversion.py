@@ -416,6 +416,7 @@ def convert_checkpoints(
     from transformers import AutoTokenizer, CLIPTextConfig
 
     from ..configuration_dynrefer import EVA_CLIP_TEXT_CONFIG
+    from ..prompts import ControlPromptTokens
 
     if language_model_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(
@@ -447,6 +448,10 @@ def convert_checkpoints(
         )
     config = released_config(t5_folder) if config is None else copy.deepcopy(config)
     config.text_encoder_config = text_encoder_config if keep_text_encoder else None
+    # the tags as Flan-T5's tokenizer writes them in a control prompt, for `generate` (docs/model.md)
+    config.control_prompt_tokens = ControlPromptTokens.from_tokenizer(
+        tokenizer, config.tag_names, config.max_text_length
+    ).to_dict()
 
     if not isinstance(dynrefer, Mapping):
         check_run_config(read_run_config(dynrefer), config)

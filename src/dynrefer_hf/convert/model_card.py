@@ -95,7 +95,7 @@ from transformers import AutoModel, AutoProcessor
 model = AutoModel.from_pretrained("{repo_id}")
 processor = AutoProcessor.from_pretrained("{repo_id}")
 inputs = processor(images=image, boxes=[[48, 120, 310, 400]])
-records = model.describe_regions(inputs["pixel_values"], inputs["view_boxes"], processor.tokenizer)
+records = processor.post_process_region_captioning(model.generate(**inputs), inputs, model.config)[0]
 ```
 
 From the shell: `dynrefer caption photo.jpg --box 48,120,310,400 --model {repo_id}`.

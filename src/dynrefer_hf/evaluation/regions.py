@@ -48,7 +48,8 @@ def predict_regions(
     region_batch_size: int | None = None,
     **generate_kwargs,
 ) -> list[dict]:
-    """`model.describe_regions` for every region of every record of ``dataset`` (region schema), in order.
+    """`model.generate` and `processor.post_process_generation` for every region of every record of ``dataset``
+    (region schema), in order.
 
     Views follow ``view_selection`` / ``task`` (default: the image processor's own setting, the image prior);
     generation uses ``model.generation_config`` unless ``generate_kwargs`` override it. ``progress(done,
@@ -69,14 +70,12 @@ def predict_regions(
         num_regions = len(views["pixel_values"])
         step = region_batch_size or max(num_regions, 1)
         for first in range(0, num_regions, step):
-            predictions.extend(
-                model.describe_regions(
-                    views["pixel_values"][first : first + step].to(device, model.dtype),
-                    views["view_boxes"][first : first + step].to(device),
-                    processor.tokenizer,
-                    **generate_kwargs,
-                )
+            outputs = model.generate(
+                pixel_values=views["pixel_values"][first : first + step].to(device, model.dtype),
+                view_boxes=views["view_boxes"][first : first + step].to(device),
+                **generate_kwargs,
             )
+            predictions.extend(processor.post_process_generation(outputs, model.config.tag_names))
         if progress is not None:
             progress(min(start + batch_images, total), total)
     return predictions

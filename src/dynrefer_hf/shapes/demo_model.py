@@ -31,7 +31,7 @@ from ..image_processing_dynrefer import DynReferImageProcessor
 from ..modeling_dynrefer import DynReferForRegionCaptioning
 from ..pretrained import SHAPES_DEMO_PATH
 from ..processing_dynrefer import DynReferProcessor
-from ..prompts import format_control_prompt
+from ..prompts import ControlPromptTokens, format_control_prompt
 from ..training import RegionTrainer, bag_of_words_embeddings
 from ..training.collator import RegionTrainingCollator
 from .scenes import (
@@ -198,6 +198,7 @@ def build_demo_model(tokenizer, settings: ShapesDemoSettings) -> DynReferForRegi
         attribute_prompts=[f"the {value}" for value in vocabulary.attribute_values],
         class_names=list(vocabulary.classes),
         class_prompts=[f"the {name}" for name in vocabulary.classes],
+        control_prompt_tokens=ControlPromptTokens.from_tokenizer(tokenizer, vocabulary.tags, 32).to_dict(),
         attribute_label_loss="group_softmax",  # every shapes attribute group has exactly one value per object
     )
     torch.manual_seed(settings.seed)
