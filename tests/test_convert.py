@@ -808,3 +808,23 @@ def test_load_upstream_state_dict_fills_every_weight_and_checks_aliases(upstream
         load_upstream_state_dict(DynReferForRegionCaptioning(tiny_config), misshaped)
     with pytest.raises(UnknownKeysError, match="cvem_align.bogus"):
         load_upstream_state_dict(model, {**full, "cvem_align.bogus": torch.zeros(1)})
+
+
+def test_converted_folder_generates_from_the_processors_output_as_the_pipeline(converted_dir):
+    """The conventional call on a converted folder: the converter stored the tag vocabulary's tokenisation, and
+    `model.generate(**processor(...))` post-processed by the processor gives the pipeline's records."""
+    import numpy as np
+    from transformers import AutoProcessor, pipeline
+
+    out, _ = converted_dir
+    model = DynReferForRegionCaptioning.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.control_prompt_tokens == processor.tokenize_tag_vocabulary(model.config.tag_names)
+    image = np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)
+    boxes, controls = [[10, 12, 60, 70], [0, 0, 96, 80]], [["dog"], []]
+    expected = pipeline("region-captioning", model=model, processor=processor, device="cpu")(
+        image, boxes=boxes, controls=controls, max_new_tokens=4
+    )
+    inputs = processor(images=image, boxes=boxes, controls=controls)
+    outputs = model.generate(**inputs, max_new_tokens=4)
+    assert processor.post_process_region_captioning(outputs, inputs, model.config) == [expected]
