@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny import make_tiny_config, make_tiny_model, make_tiny_tokenizer
 from transformers import AutoModel, AutoModelForImageTextToText, CLIPTextModelWithProjection
 
-import dynrefer_hf  # noqa: F401  (registers the Auto classes)
+import dynrefer_hf  # registers the Auto classes
 from dynrefer_hf.configuration_dynrefer import DEFAULT_TRAINABLE_MODULES
 from dynrefer_hf.modeling_dynrefer import (
     DynReferForRegionCaptioning,
@@ -1081,3 +1081,21 @@ def test_missing_language_model_weights_get_t5_initialisation(tmp_path):
     k = "language_model.encoder.block.0.layer.0.SelfAttention.k.weight"
     torch.testing.assert_close(loaded.state_dict()[k], model.state_dict()[k])  # loaded weights untouched
     assert torch.count_nonzero(DynReferForRegionCaptioning(model.config).clip_embeds) == 0  # deterministic tables
+
+
+def test_the_model_imports_nothing_from_the_processor():
+    """The model is tensors in, tensors out: no model module imports the processor or the image processor."""
+    import ast
+    from pathlib import Path
+
+    package = Path(dynrefer_hf.__file__).parent
+    modules = sorted(package.glob("modeling_*.py"))
+    assert len(modules) == 7
+    for path in modules:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                imported.add((node.module or "").split(".")[-1])
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[-1] for alias in node.names)
+        assert not imported & {"processing_dynrefer", "image_processing_dynrefer", "pipelines"}, path.name

@@ -155,7 +155,6 @@ class DynReferForRegionCaptioning(
         model.missing_weights = sorted(loading_info["missing_keys"])
         return (model, loading_info) if output_loading_info else model
 
-
     def set_trainable(self, modules: Sequence[str] | None = None) -> None:
         """Freeze everything except the named top-level modules/parameters (docs/upstream/model.md §14).
 
@@ -236,7 +235,7 @@ class DynReferForRegionCaptioning(
             view_boxes (`torch.FloatTensor` of shape `(R, V, 4)`): target box inside each view, view pixels.
             input_ids, attention_mask (`torch.LongTensor` of shape `(R, T)`): tokenised control prompts.
             decoder_input_ids (`torch.LongTensor` of shape `(R, L)`): decoder inputs of a seq2seq language model
-                (default: `labels` shifted right, as T5 does) -> `logits`.
+                (default: `labels` shifted right, as seq2seq models do) -> `logits`.
             decoder_attention_mask (`torch.LongTensor` of shape `(R, L)`): caption mask (upstream passes it).
             labels (`torch.LongTensor` of shape `(R, L)`): caption tokens, padding = -100 -> `loss_caption`.
             tag_labels (`torch.Tensor` of shape `(R, num_tags)`): multi-hot tag targets (upstream: the union of

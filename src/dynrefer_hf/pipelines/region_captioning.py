@@ -20,7 +20,7 @@ import inspect
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from typing import Any
@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
-import torch
 from transformers import GenerationMixin
 from transformers.pipelines.base import ChunkPipeline
 from transformers.utils import logging
@@ -252,6 +251,8 @@ class RegionCaptioningPipeline(ChunkPipeline):
         tag_threshold: probability above which a tag is predicted (default: the model's).
         attribute_top_k: how many attributes to return per region (default 5, ``None`` for all).
         return_views: add each region's selected views (``"views"``: ratios, crop and view boxes).
+        generate_captions: ``False`` for the heads only (tags, attributes, class; no ``caption`` or ``score``),
+            without running the language model (``model.label_regions``).
         timeout: seconds an image download may wait for the server (default 30, ``None``: forever).
         exif_orientation: turn image files and downloads as their EXIF orientation tag says (default
             ``True``, as photo viewers do); ``False`` for upstream's stored pixel order.
@@ -265,6 +266,9 @@ class RegionCaptioningPipeline(ChunkPipeline):
     "attributes": [{"name": str, "score": float}], "label": {"name": str, "score": float}}``.
     ``score`` is the caption's sequence probability; attribute scores are probabilities; the label
     score is the open-vocabulary matching score of the best class (higher is better, not a probability).
+
+    Each chunk is ``model.generate(**processor(...))`` post-processed by
+    ``processor.post_process_region_captioning``: the pipeline gives exactly what that conventional call gives.
 
     Chunks are independent: a region's view selection, tags and caption never depend on which
     other regions share its forward pass (the control prompts are padded per chunk, and padding is
