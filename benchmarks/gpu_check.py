@@ -696,16 +696,15 @@ def describe_once(model, pixel_values, view_boxes, tokens: int) -> dict:
     region_queries = model.get_region_queries(pixel_values, view_boxes)
     tag_probabilities, _, attribute_scores, class_scores = model.predict_labels(region_queries)
     outputs = model.generate(
-        region_queries=region_queries, num_beams=1, max_new_tokens=tokens, output_scores=True,
-        return_dict_in_generate=True,
-    )  # fmt: skip
+        region_queries=region_queries, add_predicted_tags=False, num_beams=1, max_new_tokens=tokens
+    )
     return {
         "region_queries": region_queries.float(),
         "tag_probabilities": tag_probabilities.float(),
         "attribute_scores": attribute_scores.float(),
         "class_scores": class_scores.float(),
         "tokens": list(outputs.sequences.cpu()),
-        "sequence_scores": model.sequence_scores(outputs).float(),
+        "sequence_scores": outputs.sequences_scores.float(),
     }
 
 
