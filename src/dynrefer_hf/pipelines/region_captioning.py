@@ -37,6 +37,7 @@ from ..pretrained import SHAPES_DEMO_PATH
 from ..segmentation import PointSegmenter, mask_to_rle, region_points
 from ..validation import (
     DEFAULT_DOWNLOAD_TIMEOUT,
+    binary_masks,
     check_bool,
     check_count,
     check_number,
