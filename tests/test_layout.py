@@ -3,7 +3,6 @@
 import ast
 from pathlib import Path
 
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dynrefer_hf"
 
 # Each layer may import only from the layers listed for it (docs/architecture.md, "Dependency direction").
