@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dynrefer_hf"
 
 # Each layer may import only from the layers listed for it (docs/architecture.md, "Dependency direction").
 CORE = {"configuration_dynrefer", "modeling_dynrefer", "image_processing_dynrefer", "processing_dynrefer", "views",
-        "prompts", "visualize", "ops", "pipelines", "convert", "resources", "pretrained",
+        "prompts", "visualize", "ops", "pipelines", "convert", "resources", "pretrained", "images",
         "validation", "segmentation"}
 ALLOWED = {
     "core": CORE,

@@ -18,6 +18,7 @@ import PIL.Image
 import pytest
 
 from dynrefer_hf.app import EXAMPLES, build_demo, open_picture, parse_regions, remove_region, web
+from dynrefer_hf.images import load_rgb_image
 from dynrefer_hf.cli import main
 from dynrefer_hf.shapes import shapes_split
 
@@ -61,7 +62,10 @@ def test_open_picture_refuses_huge_and_unreadable_files_and_notes_lossy_conversi
     PIL.Image.fromarray(np.full((6, 8), 4000, dtype=np.uint16)).save(deep)
     image, notes = open_picture(deep)
     assert image.mode == "RGB" and image.size == (8, 6)
-    assert len(notes) == 1 and "more than 8 bits" in notes[0]
+    assert notes == ["deep.png has 16-bit pixels (I;16): rescaled to 8 bits"]
+    # the pipeline's pixels (16-bit rescaled, round(4000 * 255 / 65535) = 16), not convert("RGB")'s clipped 255
+    assert np.array_equal(np.asarray(image), np.asarray(load_rgb_image(deep)))
+    assert np.asarray(image).max() == 16
 
     animated = tmp_path / "animated.gif"
     frames = [PIL.Image.new("RGB", (8, 6), color) for color in ("red", "blue")]
