@@ -14,7 +14,13 @@ from transformers import AutoModel, AutoProcessor
 import dynrefer_hf  # noqa: F401  (registers the Auto classes)
 from dynrefer_hf.cli import main
 from dynrefer_hf.data import load_upstream_annotations
-from dynrefer_hf.evaluation import evaluate_regions
+from dynrefer_hf.evaluation import (
+    BENCHMARK_TASKS,
+    BenchmarkTask,
+    evaluate_regions,
+    register_task,
+    run_benchmark,
+)
 from dynrefer_hf.pretrained import SHAPES_DEMO_PATH
 from dynrefer_hf.shapes import export_shapes_upstream
 
@@ -70,6 +76,41 @@ def test_refcocog_protocol_end_to_end_equals_evaluate_regions(exported, demo, tm
     assert [a["extra_info"]["pred_result"]["caption"] for a in result["annotations"]] == [
         p["caption"] for p in reference.predictions
     ]
+
+
+def _exact_captions(result, gt, scoring):
+    """A toy protocol: the percentage of regions whose predicted caption is their ground-truth caption."""
+    truth = {annotation["id"]: annotation["caption"] for annotation in gt["annotations"]}
+    scored = [
+        annotation for annotation in result["annotations"]
+        if scoring.annotation_ids is None or annotation["id"] in scoring.annotation_ids
+    ]
+    exact = sum(a["extra_info"]["pred_result"]["caption"] == truth[a["id"]] for a in scored)
+    return {"exact": 100 * exact / len(scored), "num_regions": len(scored), "agg_metrics": exact / len(scored)}
+
+
+def test_a_registered_task_runs_end_to_end(exported, demo, tmp_path, capsys):
+    # docs/evaluation.md, "Adding a task": one record plus its scorer
+    register_task(BenchmarkTask("exact-captions", "toy: exact captions (%)", _exact_captions, ("exact",)))
+    try:
+        model, processor = demo
+        run = run_benchmark(model, processor, "exact-captions", exported["regions"], tmp_path / "run", progress=False)
+        result = json.loads((tmp_path / "run" / "result.json").read_text())
+        predicted = [a["extra_info"]["pred_result"]["caption"] for a in result["annotations"]]
+        truth = [a["caption"] for a in result["annotations"]]
+        assert run.metrics["exact"] == pytest.approx(100 * sum(map(str.__eq__, predicted, truth)) / len(truth))
+        assert run.table.splitlines()[0].split() == ["|", "task", "|", "exact", "|"]
+        # `dynrefer eval` offers it, re-scores with it and limits it like any task
+        code, out, err = _eval(capsys, "--task", "exact-captions", "--rescore", run.result_file,
+                               "--annotations", exported["regions"], "--json")
+        assert code == 0, err
+        assert json.loads(out) == run.metrics
+        code, out, err = _eval(capsys, "--task", "exact-captions", "--annotations", exported["regions"],
+                               "--output", str(tmp_path / "limited"), "--limit", "1")
+        assert code == 0, err
+        assert json.loads((tmp_path / "limited" / "metrics.json").read_text())["metrics"]["num_regions"] == 1
+    finally:
+        del BENCHMARK_TASKS["exact-captions"]
 
 
 def test_dense_captioning_and_region_captioning_layouts(exported, tmp_path, capsys):
