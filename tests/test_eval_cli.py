@@ -47,6 +47,7 @@ def _eval(capsys, *arguments):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_refcocog_protocol_end_to_end_equals_evaluate_regions(exported, demo, tmp_path, capsys):
     output = tmp_path / "refcocog"
     code, out, err = _eval(
@@ -113,6 +114,7 @@ def test_a_registered_task_runs_end_to_end(exported, demo, tmp_path, capsys):
         del BENCHMARK_TASKS["exact-captions"]
 
 
+@pytest.mark.slow
 def test_dense_captioning_and_region_captioning_layouts(exported, tmp_path, capsys):
     code, _, err = _eval(
         capsys, "--task", "vg-densecap", "--annotations", exported["images"], "--output", str(tmp_path / "dense"),
@@ -145,6 +147,7 @@ def ovad_one_process(exported, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_rescore_and_resume(exported, ovad_one_process, tmp_path, capsys):
     metrics = json.loads((ovad_one_process / "metrics.json").read_text())["metrics"]
     assert 0 < metrics["ap/all"] <= 100 and {"ap/head", "ap/medium", "ap/tail"} <= set(metrics)
@@ -183,6 +186,7 @@ def test_rescore_and_resume(exported, ovad_one_process, tmp_path, capsys):
     assert code == 2 and "other settings (batch_images, task)" in err
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_metrics(exported, ovad_one_process, tmp_path):
     output = tmp_path / "ovad_two"
     environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -218,6 +222,7 @@ def test_user_errors_are_one_line(exported, tmp_path, capsys):
     assert code == 2 and "annotation id 1, field 'segmentation'" in err and "outside" in err
 
 
+@pytest.mark.slow
 def test_finetune_example_reads_an_upstream_annotation_file(exported, tmp_path, monkeypatch):
     import runpy
     from pathlib import Path

@@ -507,6 +507,7 @@ def test_a_backend_whose_kernel_does_not_take_the_schema_is_refused():
     assert "wrong" not in ops.backend_names()
 
 
+@pytest.mark.slow
 def test_import_and_auto_backend_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -546,6 +547,7 @@ def _offset_case(dtype=torch.float64):
 DCN_ARGS = ([3, 3], [1, 1], [1, 1], [1, 1], 2, 1.0, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling_ratio, aligned", [(2, False), (-1, True)])
 def test_roi_align_operator_opcheck(sampling_ratio, aligned):
     """Schema, fake implementation, autograd registration and AOT tracing of dynrefer::roi_align."""

@@ -18,8 +18,8 @@ import PIL.Image
 import pytest
 
 from dynrefer_hf.app import EXAMPLES, build_demo, open_picture, parse_regions, remove_region, web
-from dynrefer_hf.images import load_rgb_image
 from dynrefer_hf.cli import main
+from dynrefer_hf.images import load_rgb_image
 from dynrefer_hf.shapes import shapes_split
 
 # ---------------------------------------------------------------------------------------- input parsing
@@ -258,6 +258,7 @@ def _rows(page) -> list[list[str]]:
     )
 
 
+@pytest.mark.slow
 def test_the_empty_board_is_no_second_upload_area_and_the_views_are_explained(page):
     board = page.locator("#dr-board .dr-empty")
     assert "upload one under Picture (on the right)" in board.inner_text()
@@ -271,6 +272,7 @@ def test_the_empty_board_is_no_second_upload_area_and_the_views_are_explained(pa
     assert "from the box (t = 0) to the whole" in explained
 
 
+@pytest.mark.slow
 def test_page_reports_bad_input_and_keeps_serving_without_tracebacks(page, tmp_path, capfd):
     # a huge picture (48 megapixels, 1-bit) is refused before it is decoded
     huge = tmp_path / "huge.png"
@@ -299,6 +301,7 @@ def test_page_reports_bad_input_and_keeps_serving_without_tracebacks(page, tmp_p
     assert "Traceback" not in captured.err + captured.out
 
 
+@pytest.mark.slow
 def test_drawn_boxes_are_described_as_the_pipeline_describes_them(page, describe):
     path, shape_boxes = EXAMPLES[2]
     image = PIL.Image.open(path).convert("RGB")
@@ -360,6 +363,7 @@ def test_drawn_boxes_are_described_as_the_pipeline_describes_them(page, describe
     assert corners == [True, True]
 
 
+@pytest.mark.slow
 def test_a_drag_may_start_outside_the_picture(page):
     path, _ = EXAMPLES[2]
     _upload(page, path)
@@ -374,6 +378,7 @@ def test_a_drag_may_start_outside_the_picture(page):
     np.testing.assert_allclose(box, [0, 0, 377 / 2, 376 / 2], atol=2)
 
 
+@pytest.mark.slow
 def test_a_click_on_an_object_is_described_through_the_segmenters_mask(page, describe, tiny_sam):
     from dynrefer_hf.segmentation import PointSegmenter, region_points
     from dynrefer_hf.views import mask_to_box
@@ -402,6 +407,7 @@ def test_a_click_on_an_object_is_described_through_the_segmenters_mask(page, des
     page.get_by_label("drag a box").check()
 
 
+@pytest.mark.slow
 def test_control_words_explicit_views_and_the_views_picture(page, describe):
     path, shape_boxes = EXAMPLES[2]
     image = PIL.Image.open(path).convert("RGB")
