@@ -341,6 +341,7 @@ def test_dynrefer_config_refuses_another_model_type(tmp_path):
             make_tiny_config(**{field: value})
 
 
+@pytest.mark.slow
 def test_checkpoint_missing_trained_tensors_is_refused_unless_allowed(
     tiny_region_captioner, tmp_path, capsys
 ):
@@ -381,6 +382,7 @@ def test_generate_pads_finished_beams_with_the_pad_id():
     assert finished_early  # the property was exercised
 
 
+@pytest.mark.slow
 def test_float64_model_keeps_float64_outputs():
     model = make_varied_tiny_model(0).double()
     pixel_values = torch.randn(2, 3, 3, 56, 56, dtype=torch.float64)
@@ -391,6 +393,7 @@ def test_float64_model_keeps_float64_outputs():
     assert {logits.dtype, attributes.dtype, classes.dtype} == {torch.float64} and mask.dtype == torch.bool
 
 
+@pytest.mark.slow
 def test_pipeline_save_pretrained_and_push_to_hub_round_trip(describe, image, tmp_path, monkeypatch):
     expected = describe(image, boxes=[BOX, [20, 5, 70, 50]], max_new_tokens=3)
     describe.save_pretrained(tmp_path / "saved")

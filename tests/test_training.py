@@ -105,6 +105,7 @@ def test_collator_builds_every_target(scenes):
         collator([])
 
 
+@pytest.mark.slow
 def test_label_losses_in_forward_against_a_direct_computation(scenes):
     model = _shapes_model().eval()
     model.config.attribute_label_loss_weight = 0.5

@@ -490,6 +490,7 @@ def test_language_model_inputs_and_caption_loss(model, inputs, tokenizer, region
     assert torch.allclose(output.loss_caption.double(), expected_loss, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_generation_uses_released_defaults_and_scores(model, inputs, tokenizer, region_queries):
     """§11: num_beams 2, repetition_penalty 1.5, length_penalty 0, max_new_tokens 20, min_length 1,
     no sampling, from the model's GenerationConfig; score = exp(sequences_scores)."""
@@ -539,6 +540,7 @@ def recording_tokenizer(tokenizer):
     return recorder
 
 
+@pytest.mark.slow
 def test_describe_regions_prompts_scores_and_records(model, inputs, tokenizer, region_queries):
     """§12 control prompt (user words first, then tags in tag-list order), §11 score, §16 record fields."""
     pixel_values, view_boxes = inputs
