@@ -86,7 +86,8 @@ def _exact_captions(result, gt, scoring):
         annotation for annotation in result["annotations"]
         if scoring.annotation_ids is None or annotation["id"] in scoring.annotation_ids
     ]
-    exact = sum(a["extra_info"]["pred_result"]["caption"] == truth[a["id"]] for a in scored if "extra_info" in a)
+    predicted = [(a.get("extra_info") or {}).get("pred_result", {}).get("caption") for a in scored]  # None: none
+    exact = sum(caption == truth[a["id"]] for caption, a in zip(predicted, scored))
     return {"exact": 100 * exact / len(scored), "num_regions": len(scored), "agg_metrics": exact / len(scored)}
 
 

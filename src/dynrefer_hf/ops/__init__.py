@@ -35,8 +35,8 @@ from .backends import (
     OP_SCHEMAS,
     Backend,
     backend_names,
+    choose_backend,
     get_backend,
-    kernel_for,
     register_backend,
     resolve_backend_name,
     unregister_backend,
@@ -73,12 +73,12 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
 
 @torch.compiler.assume_constant_result
 def _backend_for(op: str, backend: str | None, device_type: str) -> str:
-    """The backend whose kernel runs ``op`` (``backends.kernel_for``; importing a kernel module registers it).
+    """The backend whose kernel runs ``op`` (``backends.choose_backend``; importing a kernel module registers it).
 
     Under ``torch.compile``/``torch.export`` this runs once while tracing and its answer is baked into the
     graph (no guard on the environment), so the backend is chosen when a graph is traced.
     """
-    return kernel_for(op, backend, device_type)
+    return choose_backend(op, backend, device_type)
 
 
 def _run(

@@ -36,8 +36,8 @@ __all__ = [
     "REFERENCE",
     "Backend",
     "backend_names",
+    "choose_backend",
     "get_backend",
-    "kernel_for",
     "register_backend",
     "resolve_backend_name",
     "unregister_backend",
@@ -86,7 +86,7 @@ class Backend:
     automatic: Callable[[str], bool] = _never
     requirement: str = ""
     # The imported kernels, one attribute per op: `torch.compile` reads an attribute when it is first used,
-    # after `kernel_for` imported it while tracing, where it would keep a stale copy of a dict.
+    # after `choose_backend` imported it while tracing, where it would keep a stale copy of a dict.
     _loaded: types.SimpleNamespace = dataclasses.field(
         default_factory=types.SimpleNamespace, init=False, repr=False
     )
@@ -175,7 +175,7 @@ def resolve_backend_name(backend: str | None, device_type: str, op: str | None =
     return REFERENCE
 
 
-def kernel_for(op: str, backend: str | None, device_type: str) -> str:
+def choose_backend(op: str, backend: str | None, device_type: str) -> str:
     """The name of the backend whose kernel runs ``op`` on ``device_type``, its kernel imported (registered).
 
     A backend asked for by name (argument or environment) that cannot run the op raises ``RuntimeError``;
