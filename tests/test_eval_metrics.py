@@ -228,8 +228,7 @@ def test_class_accuracy_hand_case():
 # ---------------------------------------------------------------- evaluate modules
 
 
-@pytest.mark.slow
-def test_evaluate_modules_load_offline_and_agree():
+def test_label_evaluate_modules_load_offline_and_agree():
     accuracy = evaluate.load(evaluate_module_path("region_accuracy"))
     assert accuracy.compute(predictions=[[0.1, 0.9], [0.5, 0.5]], references=[1, 1]) == {"accuracy": 0.5}
 
@@ -237,6 +236,9 @@ def test_evaluate_modules_load_offline_and_agree():
     out = ovad.compute(predictions=[[0.9, 0.1], [0.2, 0.8]], references=[[1, 0], [0, 1]], groups=["head", "tail"])
     assert out["map"] == 1.0 and out["groups"] == {"head": 1.0, "tail": 1.0}
 
+
+@pytest.mark.slow  # METEOR and the PTB tokenizer are Java programs
+def test_caption_evaluate_modules_load_offline_and_agree():
     densecap = evaluate.load(evaluate_module_path("dense_captioning_map"))
     out = densecap.compute(
         predictions=[{"boxes": IMAGE_1.boxes, "scores": IMAGE_1.scores, "captions": IMAGE_1.captions}],
