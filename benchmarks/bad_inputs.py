@@ -298,7 +298,7 @@ def _assert_dynrefer(config) -> None:
 
 def _not_clipped(describe, image) -> None:
     """The 16-bit image (value 40000 of 65535) must not reach the model clipped to white."""
-    from dynrefer_hf.pipelines.region_captioning import load_rgb_image
+    from dynrefer_hf.images import load_rgb_image
 
     rgb = np.asarray(load_rgb_image(image))
     if rgb.max() == 255:

@@ -30,7 +30,7 @@ from transformers import pipeline
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, git_commit, interleaved, machine_description, versions, write_results
 
-import dynrefer_hf  # registers the task; also gives load_rgb_image
+from dynrefer_hf.images import load_rgb_image  # importing dynrefer_hf registers the task
 from dynrefer_hf.pretrained import SHAPES_DEMO_PATH
 
 PHOTO = ROOT / "tests" / "fixtures" / "images" / "COCO_val2014_000000000192.jpg"  # 640x480
@@ -75,7 +75,7 @@ def main() -> None:
         model = save_tiny_region_captioner(tempfile.mkdtemp(prefix="bench_pipeline_"))
     describe = pipeline("region-captioning", model=str(model), device=args.device)
     device = describe.device
-    image = dynrefer_hf.pipelines.load_rgb_image(PHOTO)
+    image = load_rgb_image(PHOTO)
     boxes = random_boxes(args.regions, *image.size)
     generation = {"max_new_tokens": args.max_new_tokens, "progress_bar": False}
 

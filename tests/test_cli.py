@@ -47,6 +47,7 @@ def full_run(tiny_region_captioner, image_path, tmp_path_factory):
     return json.loads(completed.stdout), out
 
 
+@pytest.mark.slow
 def test_caption_json_describes_every_box_as_the_pipeline_does(full_run, tiny_region_captioner, image_path):
     payload, _ = full_run
     assert payload["image"] == image_path and payload["model"] == str(tiny_region_captioner)
@@ -63,6 +64,7 @@ def test_caption_json_describes_every_box_as_the_pipeline_does(full_run, tiny_re
         assert region["score"] == pytest.approx(reference["score"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_region_picture_outlines_each_box_in_its_colour(full_run, image_path):
     _, out = full_run
     picture = np.asarray(PIL.Image.open(out / "regions.png").convert("RGB"))
@@ -84,12 +86,14 @@ def test_region_picture_outlines_each_box_in_its_colour(full_run, image_path):
     assert changed.any() and not (changed & ~may_change).any()
 
 
+@pytest.mark.slow
 def test_views_picture_is_written(full_run):
     _, out = full_run
     views = PIL.Image.open(out / "views.png")
     assert views.format == "PNG" and views.width >= 3 * 192 and views.height >= 2 * 192  # 2 regions x 3 views
 
 
+@pytest.mark.slow
 def test_table_lists_every_region(tiny_region_captioner, image_path, capsys):
     assert (
         main(["caption", image_path, *BOX_ARGS, "--model", str(tiny_region_captioner), "--device", "cpu"])

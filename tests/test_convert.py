@@ -706,6 +706,7 @@ def test_offline_hub_snapshot_loads_through_auto_classes_and_pipeline(converted_
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+@pytest.mark.slow
 def test_cli_converts_checks_and_reports(upstream, tiny_config, text_tower_config, tmp_path, capsys):
     from dynrefer_hf.cli import main
 

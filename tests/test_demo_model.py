@@ -42,6 +42,7 @@ def test_checkpoint_is_small_safetensors():
     )
 
 
+@pytest.mark.slow
 def test_shipped_model_reaches_its_recorded_scores(shipped):
     model, processor, scores, settings = shipped
     recorded = scores["ci_subset"]

@@ -14,7 +14,13 @@ from transformers import AutoModel, AutoProcessor
 import dynrefer_hf  # noqa: F401  (registers the Auto classes)
 from dynrefer_hf.cli import main
 from dynrefer_hf.data import load_upstream_annotations
-from dynrefer_hf.evaluation import evaluate_regions
+from dynrefer_hf.evaluation import (
+    BENCHMARK_TASKS,
+    BenchmarkTask,
+    evaluate_regions,
+    register_task,
+    run_benchmark,
+)
 from dynrefer_hf.pretrained import SHAPES_DEMO_PATH
 from dynrefer_hf.shapes import export_shapes_upstream
 
@@ -41,6 +47,7 @@ def _eval(capsys, *arguments):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_refcocog_protocol_end_to_end_equals_evaluate_regions(exported, demo, tmp_path, capsys):
     output = tmp_path / "refcocog"
     code, out, err = _eval(
@@ -72,6 +79,43 @@ def test_refcocog_protocol_end_to_end_equals_evaluate_regions(exported, demo, tm
     ]
 
 
+def _exact_captions(result, gt, scoring):
+    """A toy protocol: the percentage of regions whose predicted caption is their ground-truth caption."""
+    truth = {annotation["id"]: annotation["caption"] for annotation in gt["annotations"]}
+    scored = [
+        annotation for annotation in result["annotations"]
+        if scoring.annotation_ids is None or annotation["id"] in scoring.annotation_ids
+    ]
+    predicted = [(a.get("extra_info") or {}).get("pred_result", {}).get("caption") for a in scored]  # None: none
+    exact = sum(caption == truth[a["id"]] for caption, a in zip(predicted, scored))
+    return {"exact": 100 * exact / len(scored), "num_regions": len(scored), "agg_metrics": exact / len(scored)}
+
+
+def test_a_registered_task_runs_end_to_end(exported, demo, tmp_path, capsys):
+    # docs/evaluation.md, "Adding a task": one record plus its scorer
+    register_task(BenchmarkTask("exact-captions", "toy: exact captions (%)", _exact_captions, ("exact",)))
+    try:
+        model, processor = demo
+        run = run_benchmark(
+            model, processor, "exact-captions", exported["regions"], tmp_path / "run", limit=2, progress=False
+        )
+        result = json.loads((tmp_path / "run" / "result.json").read_text())
+        scored = [a for a in result["annotations"] if "pred_result" in a.get("extra_info", {})]
+        exact = sum(a["extra_info"]["pred_result"]["caption"] == a["caption"] for a in scored)
+        assert len(scored) == run.metrics["num_regions"] == 2  # one region per image, two images
+        assert run.metrics["exact"] == pytest.approx(100 * exact / 2)
+        assert run.table.splitlines()[0].split() == ["|", "task", "|", "exact", "|"]
+        # `dynrefer eval` offers it and re-scores with it like any task: every annotation of the file, so the
+        # regions past --limit count as not exact
+        code, out, err = _eval(capsys, "--task", "exact-captions", "--rescore", run.result_file,
+                               "--annotations", exported["regions"], "--json")
+        assert code == 0, err
+        assert json.loads(out)["exact"] == pytest.approx(100 * exact / len(result["annotations"]))
+    finally:
+        del BENCHMARK_TASKS["exact-captions"]
+
+
+@pytest.mark.slow
 def test_dense_captioning_and_region_captioning_layouts(exported, tmp_path, capsys):
     code, _, err = _eval(
         capsys, "--task", "vg-densecap", "--annotations", exported["images"], "--output", str(tmp_path / "dense"),
@@ -104,6 +148,7 @@ def ovad_one_process(exported, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_rescore_and_resume(exported, ovad_one_process, tmp_path, capsys):
     metrics = json.loads((ovad_one_process / "metrics.json").read_text())["metrics"]
     assert 0 < metrics["ap/all"] <= 100 and {"ap/head", "ap/medium", "ap/tail"} <= set(metrics)
@@ -142,6 +187,7 @@ def test_rescore_and_resume(exported, ovad_one_process, tmp_path, capsys):
     assert code == 2 and "other settings (batch_images, task)" in err
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_metrics(exported, ovad_one_process, tmp_path):
     output = tmp_path / "ovad_two"
     environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -177,6 +223,7 @@ def test_user_errors_are_one_line(exported, tmp_path, capsys):
     assert code == 2 and "annotation id 1, field 'segmentation'" in err and "outside" in err
 
 
+@pytest.mark.slow
 def test_finetune_example_reads_an_upstream_annotation_file(exported, tmp_path, monkeypatch):
     import runpy
     from pathlib import Path

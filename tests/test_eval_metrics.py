@@ -115,6 +115,7 @@ def test_dense_caption_map_rejects_empty_input():
         DenseCaptionImage([[0, 0, 1, 1]], ["a"], [[0, 0, 1, 1]], [1.0, 0.5], ["a"])
 
 
+@pytest.mark.slow
 def test_dense_caption_map_with_real_meteor():
     """METEOR 1.5 in one Java process (slow to start, so one launch for the whole evaluation)."""
     calls = []
@@ -144,6 +145,7 @@ REFERENCES = {
 }
 
 
+@pytest.mark.slow
 def test_caption_scores_equal_cocoevalcap(tmp_path, monkeypatch):
     """The same numbers as pycocoevalcap's COCOEvalCap over pycocotools COCO files (SPICE switched off)."""
     import pycocoevalcap.eval as coco_eval_module
@@ -226,7 +228,7 @@ def test_class_accuracy_hand_case():
 # ---------------------------------------------------------------- evaluate modules
 
 
-def test_evaluate_modules_load_offline_and_agree():
+def test_label_evaluate_modules_load_offline_and_agree():
     accuracy = evaluate.load(evaluate_module_path("region_accuracy"))
     assert accuracy.compute(predictions=[[0.1, 0.9], [0.5, 0.5]], references=[1, 1]) == {"accuracy": 0.5}
 
@@ -234,6 +236,9 @@ def test_evaluate_modules_load_offline_and_agree():
     out = ovad.compute(predictions=[[0.9, 0.1], [0.2, 0.8]], references=[[1, 0], [0, 1]], groups=["head", "tail"])
     assert out["map"] == 1.0 and out["groups"] == {"head": 1.0, "tail": 1.0}
 
+
+@pytest.mark.slow  # METEOR and the PTB tokenizer are Java programs
+def test_caption_evaluate_modules_load_offline_and_agree():
     densecap = evaluate.load(evaluate_module_path("dense_captioning_map"))
     out = densecap.compute(
         predictions=[{"boxes": IMAGE_1.boxes, "scores": IMAGE_1.scores, "captions": IMAGE_1.captions}],

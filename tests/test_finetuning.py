@@ -101,6 +101,7 @@ def test_lora_wraps_only_language_model_q_v_and_lm_head_and_keeps_the_trainable_
     )  # cast to fp32 as upstream
 
 
+@pytest.mark.slow
 def test_merged_lora_model_computes_what_the_adapted_model_computes(tmp_path):
     model = make_tiny_model()
     peft_model = add_language_model_lora(model, language_model_lora_config(r=4, lora_alpha=8))
@@ -203,6 +204,7 @@ def test_one_region_per_sample_splits_records_without_losing_regions():
         OneRegionPerSample([{"boxes": []}])
 
 
+@pytest.mark.slow
 def test_lora_checkpoints_keep_the_other_trained_modules_and_resume(tmp_path):
     from transformers import TrainingArguments
 

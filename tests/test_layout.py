@@ -1,38 +1,15 @@
-"""The package layout of docs/architecture.md: old import paths still work (with a warning), imports flow one way."""
+"""The package layout of docs/architecture.md: imports flow one way."""
 
 import ast
-import importlib
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dynrefer_hf"
-
-MOVED = [
-    ("dynrefer_hf.pipeline_region_captioning", "dynrefer_hf.pipelines.region_captioning", "RegionCaptioningPipeline"),
-    ("dynrefer_hf.finetuning", "dynrefer_hf.training.lora", "add_language_model_lora"),
-    ("dynrefer_hf.shapes_demo", "dynrefer_hf.shapes.demo_model", "train_shapes_demo"),
-    ("dynrefer_hf.tokenization", "dynrefer_hf.shapes.tokenizer", "train_t5_style_tokenizer"),
-    ("dynrefer_hf.data.shapes", "dynrefer_hf.shapes.scenes", "shapes_split"),
-    ("dynrefer_hf.data.collator", "dynrefer_hf.training.collator", "RegionTrainingCollator"),
-    ("dynrefer_hf.data", "dynrefer_hf.shapes", "SHAPES_VOCABULARY"),
-]
-
-
-@pytest.mark.parametrize(("old", "new", "name"), MOVED)
-def test_moved_names_work_at_their_old_path_with_a_future_warning(old, new, name):
-    with pytest.warns(FutureWarning, match=f"{new}.{name}"):
-        value = getattr(importlib.import_module(old), name)
-    assert value is getattr(importlib.import_module(new), name)
-    with pytest.raises(AttributeError):
-        _ = importlib.import_module(old).no_such_name
-
 
 # Each layer may import only from the layers listed for it (docs/architecture.md, "Dependency direction").
 CORE = {"configuration_dynrefer", "modeling_dynrefer", "image_processing_dynrefer", "processing_dynrefer", "views",
         "modeling_common", "modeling_view_encoder", "modeling_qformer_bridge", "modeling_label_heads",
         "modeling_language_bridge", "modeling_vocabularies",
-        "prompts", "visualize", "ops", "pipelines", "convert", "resources", "pretrained", "_deprecation",
+        "prompts", "visualize", "ops", "pipelines", "convert", "resources", "pretrained", "images",
         "validation", "segmentation"}
 ALLOWED = {
     "core": CORE,
@@ -70,8 +47,8 @@ def _imported_tops(path: Path) -> set[str]:
 
 
 def test_imports_flow_one_way():
-    # the package root registers everything; aliases only name their new homes in strings
-    skipped = {Path("__init__.py")} | {Path(*old.split(".")[1:]).with_suffix(".py") for old, _, _ in MOVED}
+    # the package root registers everything
+    skipped = {Path("__init__.py")}
     wrong = []
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE)

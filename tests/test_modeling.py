@@ -89,6 +89,7 @@ def randomise_align(model, seed=1):
 # ----------------------------------------------------------------------------------- losses / training
 
 
+@pytest.mark.slow
 def test_forward_backward_of_every_loss(tokenizer):
     model = make_tiny_model().train()
     pixel_values, view_boxes = make_views()
@@ -122,6 +123,7 @@ def test_forward_backward_of_every_loss(tokenizer):
     assert model.cem_memory.grad.abs().sum() > 0 and model.cvem_align.offset_mask.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_each_loss_alone(tokenizer):
     model = make_tiny_model().train()
     pixel_values, view_boxes = make_views()
@@ -211,6 +213,7 @@ def test_contrastive_loss_matches_the_formula():
     assert math.isclose(out.loss_region_text.item(), expected, rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_contrastive_loss_across_ranks(monkeypatch):
     """Rank 1 of 2: scored against rank 0's regions and captions too; positives sit in its own block."""
     import torch.distributed as dist
@@ -251,6 +254,7 @@ def test_contrastive_loss_across_ranks(monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
     batch = make_batch(tokenizer)
     pixel_values, view_boxes = make_views()
@@ -276,6 +280,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_trainer_steps_lower_the_loss(tmp_path, tokenizer):
     from transformers import Trainer, TrainingArguments
 
@@ -319,6 +324,7 @@ def test_trainer_steps_lower_the_loss(tmp_path, tokenizer):
     assert after < before * 0.95
 
 
+@pytest.mark.slow
 def test_peft_lora_on_the_language_model_trains_and_saves(tmp_path, tokenizer):
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -577,6 +583,7 @@ def test_generation_defaults_are_the_released_ones(tmp_path):
     assert AutoModel.from_pretrained(tmp_path).generation_config.num_beams == 2
 
 
+@pytest.mark.slow
 def test_generate_prompts_user_words_then_predicted_tags_as_the_tokenizer_writes_them(tokenizer):
     """§12 on token ids: the prompt `generate` builds equals the tokenised text prompt of the processor, and the
     captions are those of generating from that text prompt."""
@@ -726,6 +733,7 @@ def test_head_scores_at_inference():
     assert not torch.equal(exact, exact.to(torch.bfloat16).float())
 
 
+@pytest.mark.slow
 def test_greedy_scores_are_summed_log_probabilities(tokenizer):
     model = make_tiny_model()
     pixel_values, view_boxes = make_views()
@@ -761,6 +769,7 @@ def test_greedy_scores_are_summed_log_probabilities(tokenizer):
 # ---------------------------------------------------------------------------- serialisation / auto
 
 
+@pytest.mark.slow
 def test_save_load_gives_identical_outputs_and_auto_classes(tmp_path, tokenizer):
     model = make_tiny_model()
     randomise_align(model)
@@ -886,6 +895,7 @@ def test_upstream_precision_dataflow_under_autocast(tokenizer, monkeypatch):
 # ------------------------------------------------------------------------------ causal LM variant
 
 
+@pytest.mark.slow
 def test_causal_language_model_variant(tokenizer):
     text_config = {
         "model_type": "llama",

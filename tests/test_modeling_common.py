@@ -5,6 +5,7 @@ Each skipped common test says in one line why it does not apply."""
 import unittest
 from typing import ClassVar
 
+import pytest
 import torch
 from tiny import make_tiny_config
 from transformers_common import load_common_tests
@@ -128,6 +129,27 @@ class DynReferModelTest(ModelTesterMixin, unittest.TestCase):
 
     def test_config(self):
         self.config_tester.run_common_tests()
+
+    # the slowest common tests (seconds each on a busy 2-core machine) run in the full suite only
+    @pytest.mark.slow
+    def test_bc_torch_dtype(self):
+        super().test_bc_torch_dtype()
+
+    @pytest.mark.slow
+    def test_model_outputs_equivalence(self):
+        super().test_model_outputs_equivalence()
+
+    @pytest.mark.slow
+    def test_training_gradient_checkpointing(self):
+        super().test_training_gradient_checkpointing()
+
+    @pytest.mark.slow
+    def test_training_gradient_checkpointing_use_reentrant_false(self):
+        super().test_training_gradient_checkpointing_use_reentrant_false()
+
+    @pytest.mark.slow
+    def test_training_gradient_checkpointing_use_reentrant_true(self):
+        super().test_training_gradient_checkpointing_use_reentrant_true()
 
     @unittest.skip("no separate base model: the region encoder, the heads and the LM sit side by side (as BLIP-2's)")
     def test_model_base_model_prefix(self):

@@ -61,6 +61,7 @@ def test_ops_compile_without_graph_breaks():
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_region_encoder_compiles_to_one_graph(model, monkeypatch):
     monkeypatch.setenv("DYNREFER_OPS_BACKEND", "reference")
     pixel_values, view_boxes = _views()
@@ -82,6 +83,7 @@ class _RegionEncoder(torch.nn.Module):
         return self.model.get_region_queries(pixel_values, view_boxes)
 
 
+@pytest.mark.slow
 def test_region_encoder_exports(model, monkeypatch):
     monkeypatch.setenv("DYNREFER_OPS_BACKEND", "reference")
     pixel_values, view_boxes = _views()

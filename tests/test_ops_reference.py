@@ -1,5 +1,6 @@
 """The pure-PyTorch reference ops against slow scalar loops that follow docs/upstream/model.md §3 / §4.4 literally."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -438,7 +439,11 @@ def test_backend_resolution(monkeypatch):
 
 
 def test_missing_kernel_falls_back_in_auto_and_fails_when_asked(monkeypatch):
-    monkeypatch.setitem(ops._KERNEL_MODULES, "roi_align", "dynrefer_hf.ops.no_such_kernel")
+    triton = ops.get_backend("triton")
+    broken = dataclasses.replace(
+        triton, kernels={**triton.kernels, "roi_align": "dynrefer_hf.ops.no_such_kernel:x"}
+    )
+    monkeypatch.setitem(ops.backends._REGISTRY, "triton", broken)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     input, rois = torch.randn(1, 2, 5, 5), torch.tensor([[0.0, 0.5, 0.5, 3.0, 4.0]])
     expected = roi_align(input, rois, 2, backend="reference")
@@ -450,6 +455,59 @@ def test_missing_kernel_falls_back_in_auto_and_fails_when_asked(monkeypatch):
         offset_resample(_value(), _offset_mask(), backend="triton")
 
 
+def test_a_registered_backend_is_dispatched_to(monkeypatch):
+    # docs/ops.md, "Adding a backend": one module with the kernels, one register_backend call
+    calls = []
+
+    def stub_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic):
+        calls.append(deterministic)
+        return (
+            torch.ops.dynrefer.roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned) + 1
+        )
+
+    ops.register_backend(
+        ops.Backend("stub", kernels={"roi_align": stub_roi_align}, automatic=lambda d: d == "cpu")
+    )
+    try:
+        input, rois = torch.randn(1, 2, 5, 5), torch.tensor([[0.0, 0.5, 0.5, 3.0, 4.0]])
+        expected = roi_align(input, rois, 2, backend="reference") + 1
+        assert "stub" in ops.backend_names()
+        torch.testing.assert_close(roi_align(input, rois, 2, backend="stub"), expected, rtol=0, atol=0)
+        monkeypatch.setenv("DYNREFER_OPS_BACKEND", "stub")
+        torch.testing.assert_close(RoIAlign(2, 1.0, -1)(input, rois), expected, rtol=0, atol=0)
+        monkeypatch.setenv("DYNREFER_OPS_BACKEND", "auto")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        torch.testing.assert_close(roi_align(input, rois, 2, deterministic=True), expected, rtol=0, atol=0)
+        assert calls == [False, False, True]
+        # an op the backend lacks: refused when asked for, the reference in auto mode
+        with pytest.raises(RuntimeError, match="backend='stub' was asked for offset_resample, but it has no"):
+            offset_resample(_value(), _offset_mask(), backend="stub")
+        torch.testing.assert_close(
+            offset_resample(_value(), _offset_mask()),
+            offset_resample(_value(), _offset_mask(), backend="reference"),
+        )
+        with pytest.raises(ValueError, match="registered already"):
+            ops.register_backend(ops.Backend("stub", kernels={}))
+    finally:
+        ops.unregister_backend("stub")
+    with pytest.raises(ValueError, match="must be one of"):
+        roi_align(input, rois, 2, backend="stub")
+
+
+def test_a_backend_whose_kernel_does_not_take_the_schema_is_refused():
+    def wrong(input, boxes, output_size):
+        return input
+
+    with pytest.raises(
+        TypeError, match=r"the roi_align kernel of the ops backend 'wrong' must take \(input, rois,"
+    ):
+        ops.register_backend(ops.Backend("wrong", kernels={"roi_align": wrong}))
+    with pytest.raises(ValueError, match="unknown ops"):
+        ops.register_backend(ops.Backend("wrong", kernels={"deform_conv": wrong}))
+    assert "wrong" not in ops.backend_names()
+
+
+@pytest.mark.slow
 def test_import_and_auto_backend_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -489,6 +547,7 @@ def _offset_case(dtype=torch.float64):
 DCN_ARGS = ([3, 3], [1, 1], [1, 1], [1, 1], 2, 1.0, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling_ratio, aligned", [(2, False), (-1, True)])
 def test_roi_align_operator_opcheck(sampling_ratio, aligned):
     """Schema, fake implementation, autograd registration and AOT tracing of dynrefer::roi_align."""

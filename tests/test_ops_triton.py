@@ -89,6 +89,7 @@ def test_roi_align_modes(aligned, sampling_ratio):
         assert output[3].abs().max() == 0  # an empty aligned box has no samples
 
 
+@pytest.mark.slow
 def test_roi_align_deterministic_backward_bitwise():
     """Overlapping boxes on one image: the gather backward sums them in a fixed order."""
     input, _ = _roi_case(torch.float32)
@@ -224,6 +225,7 @@ def test_offset_resample_samples_outside_the_map_read_zero():
     torch.testing.assert_close(output[..., 4:], box.permute(0, 2, 3, 1))
 
 
+@pytest.mark.slow
 def test_offset_resample_padding_channels_ignored_with_zero_gradient():
     value, offset_mask = _offset_case(torch.float32, pad_to=16)  # 54 used channels padded to 64
     noisy = offset_mask.clone()
@@ -239,6 +241,7 @@ def test_offset_resample_padding_channels_ignored_with_zero_gradient():
         assert grads[1][..., :54].abs().max() > 0
 
 
+@pytest.mark.slow
 def test_offset_resample_non_contiguous_inputs():
     value, offset_mask = _offset_case(torch.float32)
     value_nchw = value.permute(0, 3, 1, 2).contiguous()
@@ -259,6 +262,7 @@ def test_offset_resample_non_contiguous_inputs():
         torch.testing.assert_close(grads, expected_grads, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_offset_resample_deterministic_backward(dtype):
     value, offset_mask = _offset_case(dtype)
@@ -278,6 +282,7 @@ def test_offset_resample_deterministic_backward(dtype):
 # ------------------------------------------------------------------------------------ larger grids, batch > 1
 
 
+@pytest.mark.slow
 def test_roi_align_several_blocks_per_dimension():
     """Two images, 2 channel blocks x 2 bin blocks in the forward and atomic backward (17x17 = 289 bins > 256),
     2 channel blocks and 6 pixel tiles in the deterministic backward (80 channels > 64, 5x20 map)."""
@@ -291,6 +296,7 @@ def test_roi_align_several_blocks_per_dimension():
     _check_roi_align(wide, rois, (3, 5), -1, True, TOLERANCE[torch.float32], deterministic=True)
 
 
+@pytest.mark.slow
 def test_offset_resample_several_blocks_per_dimension():
     """Two images, 2 channel blocks per group (136 channels > 128) and 3 position blocks (20 positions > 8)."""
     value, offset_mask = _offset_case(torch.float32, size=(4, 5), channels=272)
@@ -303,6 +309,7 @@ def test_offset_resample_several_blocks_per_dimension():
 # ------------------------------------------------------------------------------------------------ operators
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_triton_operators_opcheck(deterministic):
     """Schema, fake implementation (layouts included), autograd registration and AOT tracing."""
@@ -341,6 +348,7 @@ def test_triton_operators_under_autocast():
     )
 
 
+@pytest.mark.slow
 def test_triton_operators_trace_without_graph_breaks():
     """Dynamo and AOT autograd see the Triton operators as single nodes (fake shapes, registered backward)."""
     import torch._dynamo
@@ -367,6 +375,7 @@ def test_triton_operators_trace_without_graph_breaks():
 # ------------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_training_steps_match_the_reference(monkeypatch):
     """Three SGD steps of the tiny model's region encoder: Triton and reference backends, same losses."""
     from tiny import make_tiny_model

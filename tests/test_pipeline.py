@@ -84,6 +84,7 @@ def assert_same_region(result, record, config, exact):
     assert result["label"]["score"] == pytest.approx(best_score, abs=BF16_STEP)
 
 
+@pytest.mark.slow
 def test_factory_builds_the_pipeline_from_a_saved_folder(describe, images):
     assert isinstance(describe, RegionCaptioningPipeline)
     assert describe.model.__class__.__name__ == "DynReferForRegionCaptioning"
@@ -111,6 +112,7 @@ def test_factory_builds_the_pipeline_from_a_saved_folder(describe, images):
     assert all_attributes[:2] == results[0]["attributes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_any_batch_size_gives_the_region_by_region_results(describe, model_folder, images, dtype):
     if dtype != torch.float32:
@@ -152,6 +154,7 @@ def test_any_batch_size_gives_the_region_by_region_results(describe, model_folde
             assert_same_region(result, record, config, exact=dtype == torch.float64)
 
 
+@pytest.mark.slow
 def test_batch_size_sets_the_regions_per_forward_pass(describe, images, monkeypatch):
     chunk_sizes = []
     generate = describe.model.generate
@@ -227,6 +230,7 @@ def test_prefetched_keeps_order_raises_when_due_and_closes_its_source():
     assert log == ["closed"]
 
 
+@pytest.mark.slow
 def test_controls_reach_the_prompt_before_the_predicted_tags(describe, images):
     box = [[300, 100, 600, 400]]
     plain = describe(images[0], boxes=box, **GENERATION)[0]
@@ -236,6 +240,7 @@ def test_controls_reach_the_prompt_before_the_predicted_tags(describe, images):
     assert steered["tags"] == plain["tags"]  # controls steer the caption, not the heads
 
 
+@pytest.mark.slow
 def test_several_images_in_every_input_form(describe, images):
     boxes = [[[10, 20, 200, 300], [300, 100, 600, 400], [0, 0, 100, 100]], [[20, 30, 220, 330]]]
     one_by_one = [
@@ -255,6 +260,7 @@ def test_several_images_in_every_input_form(describe, images):
         assert [r["caption"] for r in got] == [r["caption"] for r in expected]
 
 
+@pytest.mark.slow
 def test_masks_are_described_as_the_box_upstream_derives_from_them(describe, images):
     height, width = 478, 640
     integer_boxes = [[30, 40, 210, 300], [320, 110, 600, 400]]
@@ -279,6 +285,7 @@ def test_return_views_reports_what_the_image_processor_built(describe, images):
         assert result["views"]["view_boxes"] == features["view_boxes"][index].tolist()
 
 
+@pytest.mark.slow
 def test_images_from_a_url(describe, images):
     folder, name = images[0].rsplit("/", 1)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
@@ -298,6 +305,7 @@ def test_images_from_a_url(describe, images):
     )
 
 
+@pytest.mark.slow
 def test_bfloat16_weights(model_folder, images):
     describe_bf16 = pipeline("region-captioning", model=str(model_folder), device="cpu", dtype=torch.bfloat16)
     assert describe_bf16.model.dtype == torch.bfloat16
@@ -305,6 +313,7 @@ def test_bfloat16_weights(model_folder, images):
     assert len(results) == 2 and all(isinstance(result["caption"], str) for result in results)
 
 
+@pytest.mark.slow
 def test_progress_bar_counts_regions(describe, images, capsys):
     describe(images[0], boxes=[[10, 20, 200, 300]] * 3, batch_size=1, progress_bar=True, max_new_tokens=2)
     assert "3/3" in capsys.readouterr().err

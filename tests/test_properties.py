@@ -64,6 +64,7 @@ def processor():
 @example(
     images=np.full((20, 24, 3), 128, np.uint8), boxes=[[1, 2, 10, 12]], masks=None, kwargs={}
 )  # a result
+@pytest.mark.slow
 def test_processor_gives_a_result_or_a_documented_error(processor, images, boxes, masks, kwargs):
     try:
         out = processor(images, boxes=boxes, masks=masks, **kwargs)
@@ -99,6 +100,7 @@ call_options = st.fixed_dictionaries(
 @example(
     images=np.full((20, 24, 3), 128, np.uint8), boxes=[[1, 2, 10, 12]], masks=None, kwargs={}
 )  # a result
+@pytest.mark.slow
 def test_pipeline_gives_a_result_or_a_documented_error(describe, images, boxes, masks, kwargs):
     try:
         results = describe(images, boxes=boxes, masks=masks, max_new_tokens=2, **kwargs)

@@ -1,6 +1,7 @@
 """Hardening (docs/reliability.md): every bad input gets a clear answer before any work, broken model folders
 are named, images are read safely, and save/load paths round-trip."""
 
+import argparse
 import io
 import json
 import logging
@@ -20,9 +21,11 @@ from safetensors.torch import load_file, save_file
 from tiny import make_tiny_config, make_varied_tiny_model
 from transformers import pipeline
 
-from dynrefer_hf import DynReferConfig, DynReferForRegionCaptioning
+from dynrefer_hf import DynReferConfig, DynReferForRegionCaptioning, DynReferImageProcessor
 from dynrefer_hf.cli import attach_negative_values, main
-from dynrefer_hf.pipelines.region_captioning import DEMO_MODEL_NOTICE, load_rgb_image
+from dynrefer_hf.cli.common import parse_box
+from dynrefer_hf.images import load_rgb_image
+from dynrefer_hf.pipelines.region_captioning import DEMO_MODEL_NOTICE
 from dynrefer_hf.validation import (
     binary_masks,
     check_bool,
@@ -32,7 +35,6 @@ from dynrefer_hf.validation import (
     check_probability,
     check_top_k,
     checked_region_box,
-    parse_box_text,
 )
 
 BOX = [10, 10, 40, 40]
@@ -103,11 +105,11 @@ def test_one_box_rule_for_processor_pipeline_and_command_line():
     ):
         with pytest.raises(ValueError, match=message):
             checked_region_box(box, 80, 60)
-    assert parse_box_text("-5, 3,20,40") == [-5.0, 3.0, 20.0, 40.0]
-    assert parse_box_text("30,30,30,30") == [30.0] * 4
+    assert parse_box("-5, 3,20,40") == [-5.0, 3.0, 20.0, 40.0]
+    assert parse_box("30,30,30,30") == [30.0] * 4
     for text in ("1,2,3", "a,b,c,d", "nan,1,2,3", "5,1,2,3"):
-        with pytest.raises(ValueError, match="is not a box"):
-            parse_box_text(text)
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a box"):
+            parse_box(text)
 
 
 # ------------------------------------------------------------------------------------------ pipeline
@@ -226,6 +228,21 @@ def test_16_bit_images_are_rescaled_not_clipped(tmp_path):
         assert np.array_equal(np.asarray(load_rgb_image(source)), expected)
 
 
+def test_the_processor_reads_16_bit_pictures_by_the_pipeline_rule(tmp_path):
+    # one image rule (dynrefer_hf.images): the processor's views of a 16-bit picture are those of the
+    # pipeline's 8-bit RGB reading of the same file, not of a clipped convert("RGB")
+    wide = np.random.default_rng(0).integers(0, 65536, (60, 80), dtype=np.uint16)
+    PIL.Image.fromarray(wide).save(tmp_path / "wide.png")
+    processor = DynReferImageProcessor(size={"height": 32, "width": 32})
+    box = [[5, 5, 50, 40]]
+    with PIL.Image.open(tmp_path / "wide.png") as sixteen_bit:
+        assert sixteen_bit.mode == "I;16"
+        views = processor(sixteen_bit, boxes=box)["pixel_values"]
+    expected = processor(load_rgb_image(tmp_path / "wide.png"), boxes=box)["pixel_values"]
+    clipped = processor(PIL.Image.fromarray(wide).convert("RGB"), boxes=box)["pixel_values"]
+    assert torch.equal(views, expected) and not torch.equal(views, clipped)
+
+
 def test_exif_orientation_is_respected_unless_told_otherwise(describe, tmp_path):
     stored = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 100, 3), dtype=np.uint8))
     exif = PIL.Image.Exif()
@@ -325,6 +342,7 @@ def test_dynrefer_config_refuses_another_model_type(tmp_path):
             make_tiny_config(**{field: value})
 
 
+@pytest.mark.slow
 def test_checkpoint_missing_trained_tensors_is_refused_unless_allowed(
     tiny_region_captioner, tmp_path, capsys
 ):
@@ -365,6 +383,7 @@ def test_generate_pads_finished_beams_with_the_pad_id():
     assert finished_early  # the property was exercised
 
 
+@pytest.mark.slow
 def test_float64_model_keeps_float64_outputs():
     model = make_varied_tiny_model(0).double()
     pixel_values = torch.randn(2, 3, 3, 56, 56, dtype=torch.float64)
@@ -375,6 +394,7 @@ def test_float64_model_keeps_float64_outputs():
     assert {logits.dtype, attributes.dtype, classes.dtype} == {torch.float64} and mask.dtype == torch.bool
 
 
+@pytest.mark.slow
 def test_pipeline_save_pretrained_and_push_to_hub_round_trip(describe, image, tmp_path, monkeypatch):
     expected = describe(image, boxes=[BOX, [20, 5, 70, 50]], max_new_tokens=3)
     describe.save_pretrained(tmp_path / "saved")

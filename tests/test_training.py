@@ -105,6 +105,7 @@ def test_collator_builds_every_target(scenes):
         collator([])
 
 
+@pytest.mark.slow
 def test_label_losses_in_forward_against_a_direct_computation(scenes):
     model = _shapes_model().eval()
     model.config.attribute_label_loss_weight = 0.5
@@ -174,6 +175,7 @@ def make_tiny_model_with_groups():
     return make_tiny_model()
 
 
+@pytest.mark.slow
 def test_region_trainer_trains_and_logs_every_loss_part(scenes, tmp_path):
     from transformers import TrainingArguments
 
@@ -212,6 +214,7 @@ def test_region_trainer_trains_and_logs_every_loss_part(scenes, tmp_path):
     assert not any(name.startswith("probe") for name in model.state_dict())  # and is not part of it
 
 
+@pytest.mark.slow
 def test_plain_trainer_trains_every_head(scenes, tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -232,6 +235,7 @@ def test_plain_trainer_trains_every_head(scenes, tmp_path):
     assert all(not torch.equal(before[name], getattr(model, name).weight) for name in heads)
 
 
+@pytest.mark.slow
 def test_probe_label_sizes_add_one_cross_entropy_per_caption_label(scenes, tmp_path):
     from transformers import TrainingArguments
 

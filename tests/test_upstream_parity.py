@@ -492,6 +492,7 @@ def test_language_model_inputs_and_caption_loss(model, inputs, tokenizer, region
     assert torch.allclose(output.loss_caption.double(), expected_loss, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_generation_uses_released_defaults_and_scores(model, inputs, tokenizer, region_queries):
     """§11: num_beams 2, repetition_penalty 1.5, length_penalty 0, max_new_tokens 20, min_length 1,
     no sampling, from the model's GenerationConfig; score = exp(sequences_scores)."""
@@ -526,6 +527,7 @@ def test_generation_uses_released_defaults_and_scores(model, inputs, tokenizer, 
     assert torch.allclose(actual.sequences_scores, expected.sequences_scores, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_generated_prompts_scores_and_records(model, inputs, tokenizer, region_queries):
     """§12 control prompt (user words first, then tags in tag-list order; built on token ids, equal to the
     tokenised text prompt), §11 score, §16 record fields."""

@@ -81,6 +81,7 @@ def _torchvision_box_resize(relative: list[int], crop_w: int, crop_h: int, size:
 # --------------------------------------------------------------------------------------------- golden
 
 
+@pytest.mark.slow
 def test_golden_views_reproduced_in_full(golden, fixtures_dir):
     """Every region of golden_views.json: pHash bits, distances, selected t, float32 views, crops, 224-px boxes."""
     assert len(golden["cases"]) == 14 and sum(len(c["regions"]) for c in golden["cases"]) == 56

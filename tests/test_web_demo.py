@@ -19,6 +19,7 @@ import pytest
 
 from dynrefer_hf.app import EXAMPLES, build_demo, open_picture, parse_regions, remove_region, web
 from dynrefer_hf.cli import main
+from dynrefer_hf.images import load_rgb_image
 from dynrefer_hf.shapes import shapes_split
 
 # ---------------------------------------------------------------------------------------- input parsing
@@ -61,7 +62,10 @@ def test_open_picture_refuses_huge_and_unreadable_files_and_notes_lossy_conversi
     PIL.Image.fromarray(np.full((6, 8), 4000, dtype=np.uint16)).save(deep)
     image, notes = open_picture(deep)
     assert image.mode == "RGB" and image.size == (8, 6)
-    assert len(notes) == 1 and "more than 8 bits" in notes[0]
+    assert notes == ["deep.png has 16-bit pixels (I;16): rescaled to 8 bits"]
+    # the pipeline's pixels (16-bit rescaled, round(4000 * 255 / 65535) = 16), not convert("RGB")'s clipped 255
+    assert np.array_equal(np.asarray(image), np.asarray(load_rgb_image(deep)))
+    assert np.asarray(image).max() == 16
 
     animated = tmp_path / "animated.gif"
     frames = [PIL.Image.new("RGB", (8, 6), color) for color in ("red", "blue")]
@@ -254,6 +258,7 @@ def _rows(page) -> list[list[str]]:
     )
 
 
+@pytest.mark.slow
 def test_the_empty_board_is_no_second_upload_area_and_the_views_are_explained(page):
     board = page.locator("#dr-board .dr-empty")
     assert "upload one under Picture (on the right)" in board.inner_text()
@@ -267,6 +272,7 @@ def test_the_empty_board_is_no_second_upload_area_and_the_views_are_explained(pa
     assert "from the box (t = 0) to the whole" in explained
 
 
+@pytest.mark.slow
 def test_page_reports_bad_input_and_keeps_serving_without_tracebacks(page, tmp_path, capfd):
     # a huge picture (48 megapixels, 1-bit) is refused before it is decoded
     huge = tmp_path / "huge.png"
@@ -295,6 +301,7 @@ def test_page_reports_bad_input_and_keeps_serving_without_tracebacks(page, tmp_p
     assert "Traceback" not in captured.err + captured.out
 
 
+@pytest.mark.slow
 def test_drawn_boxes_are_described_as_the_pipeline_describes_them(page, describe):
     path, shape_boxes = EXAMPLES[2]
     image = PIL.Image.open(path).convert("RGB")
@@ -356,6 +363,7 @@ def test_drawn_boxes_are_described_as_the_pipeline_describes_them(page, describe
     assert corners == [True, True]
 
 
+@pytest.mark.slow
 def test_a_drag_may_start_outside_the_picture(page):
     path, _ = EXAMPLES[2]
     _upload(page, path)
@@ -370,6 +378,7 @@ def test_a_drag_may_start_outside_the_picture(page):
     np.testing.assert_allclose(box, [0, 0, 377 / 2, 376 / 2], atol=2)
 
 
+@pytest.mark.slow
 def test_a_click_on_an_object_is_described_through_the_segmenters_mask(page, describe, tiny_sam):
     from dynrefer_hf.segmentation import PointSegmenter, region_points
     from dynrefer_hf.views import mask_to_box
@@ -398,6 +407,7 @@ def test_a_click_on_an_object_is_described_through_the_segmenters_mask(page, des
     page.get_by_label("drag a box").check()
 
 
+@pytest.mark.slow
 def test_control_words_explicit_views_and_the_views_picture(page, describe):
     path, shape_boxes = EXAMPLES[2]
     image = PIL.Image.open(path).convert("RGB")

@@ -14,7 +14,7 @@ import itertools
 import os
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source (setup.cfg reads it)
 
 # public name -> the module defining it
 _EXPORTS = {

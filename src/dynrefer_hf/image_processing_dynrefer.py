@@ -25,6 +25,7 @@ from threadpoolctl import ThreadpoolController
 from transformers import BaseImageProcessor, BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from .images import to_rgb_array
 from .validation import binary_masks, check_count, check_number, checked_region_box
 from .views import (
     PHASH_RESOLUTION,
@@ -41,71 +42,12 @@ from .views import (
     view_boxes,
 )
 
-__all__ = ["DynReferImageProcessor", "as_region_boxes", "to_rgb_array"]
+__all__ = ["DynReferImageProcessor", "as_region_boxes"]
 
 VIEW_SELECTIONS = ("image_prior", "random", "task")
 PHASH_METHODS = ("upstream", "imagehash")
-# PIL modes of 16-bit unsigned pixels: rescaled to 8 bits (x * 255 / 65535, rounded), not clipped.
-_UINT16_PIL_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-# PIL modes whose range is unknown (32-bit integers, floats): refused, not guessed.
-_WIDE_PIL_MODES = ("I", "F")
-
-
-def _uint16_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Full-range 16-bit values as 8-bit ones: ``round(x * 255 / 65535)`` (0 -> 0, 65535 -> 255)."""
-    return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 # Default cap on the threads that build the views (beyond it, resizing is memory-bound).
 _MAX_THREADS = 8
-
-
-def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
-    """An image as a C-contiguous ``[H, W, 3]`` uint8 RGB array.
-
-    PIL images of 8-bit modes (L, P, RGBA, CMYK, YCbCr, ...) are converted with ``convert("RGB")``, as
-    upstream does after ``Image.open``: the alpha channel is dropped, not composited. Arrays may be
-    ``[H, W]`` (grey), ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (alpha dropped). 16-bit images (PIL
-    modes ``I;16*``, ``uint16`` arrays) are rescaled to 8 bits (``round(x * 255 / 65535)``) rather than
-    clipped as ``convert("RGB")`` would.
-
-    Raises:
-        ValueError: for 32-bit or float images (their range is unknown: convert them to 8 bits yourself),
-            empty images, or arrays of another shape.
-        TypeError: for anything that is not a PIL image or a NumPy array.
-    """
-    if isinstance(image, Image.Image):
-        if image.mode in _WIDE_PIL_MODES:
-            raise ValueError(
-                f"PIL images of mode {image.mode!r} (32-bit integer or float pixels) are not supported: their "
-                "range is unknown, so convert them to 8-bit RGB first (Image.convert('RGB') would clip the values)"
-            )
-        if image.mode in _UINT16_PIL_MODES:
-            array = np.asarray(image).astype(np.uint16)
-        else:
-            array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    elif isinstance(image, np.ndarray):
-        array = image
-    else:
-        raise TypeError(
-            f"images must be PIL images or NumPy uint8/uint16 arrays, got {type(image).__name__}"
-        )
-    if array.dtype == np.uint16:
-        array = _uint16_to_uint8(array)
-    elif array.dtype != np.uint8:
-        raise ValueError(
-            f"image arrays must be uint8 (or uint16) RGB, got dtype {array.dtype}: the range of other types is "
-            "unknown, so convert to 8 bits first (e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1])"
-        )
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    elif array.ndim == 3 and array.shape[2] in (1, 3, 4):
-        array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
-    else:
-        raise ValueError(
-            f"image arrays must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got shape {list(array.shape)}"
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"the image is empty ({array.shape[1]}x{array.shape[0]} pixels)")
-    return np.ascontiguousarray(array)
 
 
 @cache
@@ -447,7 +389,7 @@ class DynReferImageProcessor(BaseImageProcessor):
         elif not isinstance(images, (list, tuple)):
             raise TypeError(
                 "images must be a PIL image, a uint8 array or a list of them (load files first, e.g. with "
-                f"dynrefer_hf.pipelines.load_rgb_image), got {type(images).__name__}"
+                f"dynrefer_hf.images.load_rgb_image), got {type(images).__name__}"
             )
         if len(images) == 0:
             raise ValueError("images is empty: give at least one image")

@@ -1,5 +1,7 @@
 """Argument checks shared by every public boundary: processor, pipeline, config, converter and CLI.
 
+Parsing of command-line text lives in ``cli/``; reading images in ``images.py``.
+
 Each check raises before any work starts, with a message naming the argument, the value and what is
 allowed (docs/reliability.md lists the rules): ``TypeError`` for a value of the wrong type,
 ``ValueError`` for a value of the right type outside its range or inconsistent with another one.
@@ -23,7 +25,6 @@ import numpy as np
 from .views import crop_boxes_from_view_boxes, widen_degenerate_box
 
 __all__ = [
-    "DEFAULT_DOWNLOAD_TIMEOUT",
     "binary_masks",
     "check_bool",
     "check_count",
@@ -34,12 +35,7 @@ __all__ = [
     "check_weight_shapes",
     "checked_region_box",
     "number_range_text",
-    "parse_box_text",
 ]
-
-DEFAULT_DOWNLOAD_TIMEOUT = 30.0
-"""Seconds an image download may wait for the server (connect and each read) before it fails."""
-
 
 def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -176,25 +172,6 @@ def checked_region_box(box: Sequence[float], width: int, height: int, where: str
     if x2 <= x1 or y2 <= y1:
         raise ValueError(f"{where}: the box covers no pixel of the {width}x{height} image")
     return widened
-
-
-def parse_box_text(text: str) -> list[float]:
-    """``"x1,y1,x2,y2"`` (pixels, spaces allowed) as four finite floats with ``x1 <= x2`` and ``y1 <= y2``.
-
-    Whether the box fits the image is checked once the image is known (``checked_region_box``).
-    """
-    parts = text.replace(" ", "").split(",")
-    try:
-        box = [float(part) for part in parts]
-    except ValueError:
-        box = []
-    if len(box) != 4:
-        raise ValueError(f"{text!r} is not a box: expected four numbers x1,y1,x2,y2")
-    if not all(math.isfinite(value) for value in box):
-        raise ValueError(f"{text!r} is not a box: the coordinates must be finite numbers")
-    if box[2] < box[0] or box[3] < box[1]:
-        raise ValueError(f"{text!r} is not a box: need x1 <= x2 and y1 <= y2")
-    return box
 
 
 _WEIGHT_FILES = (

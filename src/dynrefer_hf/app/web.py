@@ -33,6 +33,7 @@ if gr.__version__.split(".")[0] != "6":
         f"the web demo needs {GRADIO_REQUIREMENT}, found gradio {gr.__version__}: {_INSTALL_HINT}"
     )
 
+from ..images import load_rgb_image
 from ..pipelines.region_captioning import DEFAULT_MODEL, RegionCaptioningPipeline
 from ..segmentation import PointSegmenter, region_points
 from ..views import TASK_PRIOR_RATIOS, mask_to_box
@@ -90,7 +91,7 @@ _SEGMENTER_HINT = (
     "(or build_demo(..., segmenter=...))"
 )
 
-_HIGH_BIT_DEPTH_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 _BOARD_PLACEHOLDER = '<div class="dr-empty">{message}</div>'
 _NO_PICTURE = "No picture yet: upload one under <b>Picture</b> (on the right) or pick an example below."
@@ -274,38 +275,39 @@ class _PictureError(ValueError):
 
 
 def open_picture(path: str | os.PathLike) -> tuple[PIL.Image.Image, list[str]]:
-    """The picture at ``path`` as RGB, and notes on anything lost on the way (shown as warnings).
+    """The picture at ``path`` as RGB, and notes on anything changed on the way (shown as warnings).
 
-    The conversion is upstream's ``convert("RGB")``: alpha is dropped, 16-bit and float pixels are
-    cut to 8 bits (values above 255 become white), only the first frame of an animation is kept.
+    The pixels are the pipeline's (``images.load_rgb_image``: EXIF orientation applied, alpha dropped,
+    16-bit pixels rescaled to 8 bits, 32-bit and float pictures refused); only the first frame of an
+    animation is kept.
 
     Raises:
         ValueError: not a readable image, or more than ``MAX_IMAGE_PIXELS`` pixels (checked before decoding).
     """
     name = Path(path).name
     try:
-        with PIL.Image.open(path) as opened:
+        with PIL.Image.open(path) as opened:  # reads the header only
             width, height = opened.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise _PictureError(
-                    f"the picture is {width}x{height} ({width * height / 1e6:.1f} megapixels); the demo takes "
-                    f"at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: downscale it first"
-                )
-            notes = []
-            if getattr(opened, "n_frames", 1) > 1:
-                notes.append(f"{name} has {opened.n_frames} frames: only the first one is described")
-            if opened.mode in _HIGH_BIT_DEPTH_MODES:
-                notes.append(
-                    f"{name} has {opened.mode} pixels (more than 8 bits): converted to 8-bit RGB as upstream "
-                    "does, so values above 255 show as white"
-                )
-            return opened.convert("RGB"), notes
-    except _PictureError:
-        raise
+            frames, mode = getattr(opened, "n_frames", 1), opened.mode
     except PIL.Image.DecompressionBombError as error:
         raise _PictureError(f"{name} is too large: {error}") from None
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise _PictureError(f"{name} is not a readable image ({error})") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _PictureError(
+            f"the picture is {width}x{height} ({width * height / 1e6:.1f} megapixels); the demo takes "
+            f"at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: downscale it first"
+        )
+    try:
+        image = load_rgb_image(path)
+    except ValueError as error:
+        raise _PictureError(f"{name}: {error}") from None
+    notes = []
+    if frames > 1:
+        notes.append(f"{name} has {frames} frames: only the first one is described")
+    if mode in _SIXTEEN_BIT_MODES:
+        notes.append(f"{name} has 16-bit pixels ({mode}): rescaled to 8 bits")
+    return image, notes
 
 
 def parse_regions(text: str | None) -> tuple[list[list[float]], list[list[str]]]:

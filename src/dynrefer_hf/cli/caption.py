@@ -99,9 +99,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipelines.region_captioning import load_rgb_image
+    from ..images import DEFAULT_DOWNLOAD_TIMEOUT, load_rgb_image
     from ..segmentation import check_points_inside, region_points, segmenter_config
-    from ..validation import DEFAULT_DOWNLOAD_TIMEOUT, checked_region_box
+    from ..validation import checked_region_box
     from ..visualize import draw_clicks, draw_regions, draw_views
     from .common import load_region_captioner, model_or_default
 

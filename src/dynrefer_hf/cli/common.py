@@ -8,7 +8,7 @@ import math
 import os
 import sys
 
-from ..validation import check_count, check_model_folder, check_number, number_range_text, parse_box_text
+from ..validation import check_count, check_model_folder, check_number, number_range_text
 from .errors import CommandError
 
 __all__ = [
@@ -154,12 +154,22 @@ def load_region_captioner(
 
 
 def parse_box(text: str) -> list[float]:
-    """``"x1,y1,x2,y2"`` (pixels) as four floats with x1 <= x2 and y1 <= y2 (``validation.parse_box_text``);
-    whether the box covers pixels of the image is checked once the image is read."""
+    """An argparse ``type``: ``"x1,y1,x2,y2"`` (pixels, spaces allowed) as four finite floats with x1 <= x2
+    and y1 <= y2; whether the box covers pixels of the image is checked once the image is read
+    (``validation.checked_region_box``)."""
     try:
-        return parse_box_text(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        box = [float(part) for part in text.replace(" ", "").split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        problem = "expected four numbers x1,y1,x2,y2"
+    elif not all(math.isfinite(value) for value in box):
+        problem = "the coordinates must be finite numbers"
+    elif box[2] < box[0] or box[3] < box[1]:
+        problem = "need x1 <= x2 and y1 <= y2"
+    else:
+        return box
+    raise argparse.ArgumentTypeError(f"{text!r} is not a box: {problem}")
 
 
 def parse_point(text: str) -> list[float]:

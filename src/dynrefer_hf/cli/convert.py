@@ -175,7 +175,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_check(model: str, image_path: str | None, box: list[float] | None, device: str | None) -> None:
     """Load `model` through the pipeline and print the description of one region."""
-    from ..pipelines.region_captioning import load_rgb_image
+    from ..images import load_rgb_image
     from .common import load_region_captioner
 
     if image_path is None:

@@ -1,6 +1,5 @@
 """Region datasets: the shared record schema (docs/data.md) and loaders for annotation files."""
 
-from .._deprecation import moved_module
 from .coco import load_coco_detection
 from .common import LAYOUTS, AnnotationError
 from .jsonl import load_jsonl_regions
@@ -36,6 +35,3 @@ __all__ = [
     "validate_region_record",
     "write_upstream_annotations",
 ]
-
-# The shapes scenes moved to `dynrefer_hf.shapes`.
-__getattr__ = moved_module(__name__, "dynrefer_hf.shapes")

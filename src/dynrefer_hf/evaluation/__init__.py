@@ -10,6 +10,9 @@ import importlib
 _EXPORTS = {
     "BENCHMARK_TASKS": "tasks",
     "BenchmarkTask": "tasks",
+    "Scoring": "tasks",
+    "get_task": "tasks",
+    "register_task": "tasks",
     "BenchmarkRun": "benchmark",
     "rescore_result_file": "benchmark",
     "run_benchmark": "benchmark",

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..data.upstream import load_upstream_annotations
 from .protocols import format_metrics_table, score_result
 from .regions import predict_regions
-from .tasks import BENCHMARK_TASKS
+from .tasks import BenchmarkTask, get_task
 
 __all__ = ["BenchmarkRun", "rescore_result_file", "run_benchmark"]
 
@@ -95,6 +94,129 @@ def _read_partials(partial_dir: str) -> dict:
     return done
 
 
+def _resume(partial_dir: str, signature: dict, resume: bool, rank: int) -> None:
+    """Process 0 checks that ``partial_dir`` holds predictions of a run with the same ``signature`` (or clears
+    them when not resuming) and records the signature; the predictions depend on it, so resuming with other
+    settings would mix two runs."""
+    if rank != 0:
+        return
+    os.makedirs(partial_dir, exist_ok=True)
+    signature_file = os.path.join(partial_dir, "run.json")
+    if resume and os.path.isfile(signature_file):
+        with open(signature_file, encoding="utf-8") as file:
+            earlier = json.load(file)
+        if earlier != signature:
+            changed = sorted(key for key in signature if earlier.get(key) != signature[key])
+            raise ValueError(
+                f"{os.path.dirname(partial_dir)} holds predictions of a run with other settings ({', '.join(changed)}); "
+                "restart it (resume=False, --restart) or use another output folder"
+            )
+    if not resume:
+        for path in glob.glob(os.path.join(partial_dir, "rank*.jsonl")):
+            os.remove(path)
+    with open(signature_file, "w", encoding="utf-8") as file:
+        json.dump(signature, file, indent=2)
+
+
+def _load(
+    benchmark: BenchmarkTask, annotations, images, class_names, cache_dir, limit, rank: int, world: int
+):
+    """The task's dataset; process 0 builds the datasets cache, the others read it."""
+    if rank == 0:
+        dataset = benchmark.load(annotations, images, class_names=class_names, cache_dir=cache_dir)
+    _barrier(world)
+    if rank != 0:
+        dataset = benchmark.load(annotations, images, class_names=class_names, cache_dir=cache_dir)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def _plan(
+    annotation_ids: list[list[int]], batch_images: int, done: dict, rank: int, world: int
+) -> tuple[list[list[int]], int]:
+    """The batches of record indices this process predicts, and how many regions earlier runs predicted.
+
+    Records with regions are cut into fixed batches of ``batch_images``; process r takes batches r, r + W, ...
+    that no earlier run finished, so a batch is computed the same way whichever process runs it.
+    """
+    with_regions = [index for index, ids in enumerate(annotation_ids) if ids]
+    batches = [with_regions[i : i + batch_images] for i in range(0, len(with_regions), batch_images)]
+    finished = [all(i in done for index in batch for i in annotation_ids[index]) for batch in batches]
+    num_resumed = sum(
+        len(annotation_ids[index]) for batch, f in zip(batches, finished) if f for index in batch
+    )
+    mine = [batch for number, batch in enumerate(batches) if number % world == rank and not finished[number]]
+    return mine, num_resumed
+
+
+def _open_partial(path: str):
+    """This process's partial-predictions file, opened for appending; a killed run's half-written last line
+    is ended first, so it stays a line of its own (and is ignored)."""
+    torn = os.path.isfile(path) and os.path.getsize(path) > 0
+    if torn:
+        with open(path, "rb") as file:
+            file.seek(-1, os.SEEK_END)
+            torn = file.read(1) != b"\n"
+    partial = open(path, "a", encoding="utf-8")  # noqa: SIM115 (returned to the caller's `with`)
+    if torn:
+        partial.write("\n")
+    return partial
+
+
+def _predict(
+    model,
+    processor,
+    dataset,
+    batches,
+    annotation_ids,
+    partial_path: str,
+    progress: str | None,
+    **predict_settings,
+) -> None:
+    """Predict ``batches`` (lists of record indices), appending each batch's ``pred_result``s to the partial
+    file; ``progress``: the title of a progress bar (None: no bar)."""
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        total = sum(len(annotation_ids[index]) for batch in batches for index in batch)
+        bar = tqdm(total=total, unit="region", desc=progress, dynamic_ncols=True)
+    with _open_partial(partial_path) as partial:
+        for batch in batches:
+            predictions = predict_regions(
+                model, processor, dataset.select(batch), batch_images=len(batch), **predict_settings
+            )
+            ids = [i for index in batch for i in annotation_ids[index]]
+            partial.write(
+                "".join(
+                    json.dumps({"id": i, "pred_result": _pred_result(p)}) + "\n"
+                    for i, p in zip(ids, predictions)
+                )
+            )
+            partial.flush()
+            if bar is not None:
+                bar.update(len(ids))
+    if bar is not None:
+        bar.close()
+
+
+def _merge(partial_dir: str, annotations, output_dir: str) -> tuple[dict, dict, str]:
+    """The ground truth, and upstream's result file (the ground truth with every prediction of the partial
+    files as ``extra_info.pred_result``), written to ``output_dir/result.json``."""
+    predicted = _read_partials(partial_dir)
+    with open(annotations, encoding="utf-8") as file:
+        gt = json.load(file)
+    result = copy.deepcopy(gt)
+    for annotation in result["annotations"]:
+        if annotation["id"] in predicted:
+            annotation.setdefault("extra_info", {})["pred_result"] = predicted[annotation["id"]]
+    result_file = os.path.join(output_dir, "result.json")
+    with open(result_file, "w", encoding="utf-8") as file:
+        json.dump(result, file)
+    return result, gt, result_file
+
+
 def run_benchmark(
     model,
     processor,
@@ -124,114 +246,53 @@ def run_benchmark(
         resume: reuse the predictions in ``output_dir/partial`` of an earlier, interrupted run.
     Writes ``output_dir/result.json``, ``output_dir/metrics.json`` (and ``partial/``) on process 0.
     """
-    if task not in BENCHMARK_TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(BENCHMARK_TASKS)}")
+    benchmark = get_task(task)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
     if batch_images < 1:
         raise ValueError(f"batch_images must be positive, got {batch_images}")
-    settings = BENCHMARK_TASKS[task]
     if tag_threshold is None:
-        tag_threshold = settings.tag_threshold
+        tag_threshold = benchmark.tag_threshold
     rank, world = _distributed()
     output_dir = os.fspath(output_dir)
     partial_dir = os.path.join(output_dir, "partial")
-    # what the partial predictions depend on: resuming with other settings would mix two runs
-    signature = {
+    settings = {
         "task": task,
         "annotations": os.path.abspath(os.fspath(annotations)),
         "tag_threshold": tag_threshold,
         "view_selection": view_selection,
         "batch_images": batch_images,
         "region_batch_size": region_batch_size,
-        "model": getattr(model.config, "_name_or_path", ""),
     }
-    signature_file = os.path.join(partial_dir, "run.json")
-    if rank == 0:
-        os.makedirs(partial_dir, exist_ok=True)
-        if resume and os.path.isfile(signature_file):
-            with open(signature_file, encoding="utf-8") as file:
-                earlier = json.load(file)
-            if earlier != signature:
-                changed = sorted(key for key in signature if earlier.get(key) != signature[key])
-                raise ValueError(
-                    f"{output_dir} holds predictions of a run with other settings ({', '.join(changed)}); "
-                    "restart it (resume=False, --restart) or use another output folder"
-                )
-        if not resume:
-            for path in glob.glob(os.path.join(partial_dir, "rank*.jsonl")):
-                os.remove(path)
-        with open(signature_file, "w", encoding="utf-8") as file:
-            json.dump(signature, file, indent=2)
+    _resume(partial_dir, {**settings, "model": getattr(model.config, "_name_or_path", "")}, resume, rank)
     class_names = list(model.config.class_names)
-    loading = {"class_names": class_names, "read_classes": settings.metric == "coco", "cache_dir": cache_dir}
-    # process 0 builds the datasets cache, the others read it
-    if rank == 0:
-        dataset = load_upstream_annotations(annotations, images, **loading)
-    _barrier(world)
-    if rank != 0:
-        dataset = load_upstream_annotations(annotations, images, **loading)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
+    dataset = _load(benchmark, annotations, images, class_names, cache_dir, limit, rank, world)
+
     annotation_ids = dataset["annotation_ids"]
-    with_regions = [index for index, ids in enumerate(annotation_ids) if ids]
-    batches = [with_regions[i : i + batch_images] for i in range(0, len(with_regions), batch_images)]
     done = _read_partials(partial_dir) if resume else {}
-    finished = [all(i in done for index in batch for i in annotation_ids[index]) for batch in batches]
-    num_resumed = sum(len(annotation_ids[index]) for batch, f in zip(batches, finished) if f for index in batch)
-    mine = [batch for number, batch in enumerate(batches) if number % world == rank and not finished[number]]
+    mine, num_resumed = _plan(annotation_ids, batch_images, done, rank, world)
     total = sum(len(annotation_ids[index]) for batch in mine for index in batch)
 
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="region", desc=f"dynrefer eval {task}", dynamic_ncols=True)
-    generate = {} if tag_threshold is None else {"tag_threshold": tag_threshold}
     started = time.perf_counter()
-    partial_path = os.path.join(partial_dir, f"rank{rank}.jsonl")
-    torn = os.path.isfile(partial_path) and os.path.getsize(partial_path) > 0
-    if torn:
-        with open(partial_path, "rb") as file:
-            file.seek(-1, os.SEEK_END)
-            torn = file.read(1) != b"\n"
-    with open(partial_path, "a", encoding="utf-8") as partial:
-        if torn:  # a killed run's half-written line stays a line of its own (and is ignored)
-            partial.write("\n")
-        for batch in mine:
-            predictions = predict_regions(
-                model,
-                processor,
-                dataset.select(batch),
-                batch_images=len(batch),
-                view_selection=view_selection,
-                region_batch_size=region_batch_size,
-                **generate,
-            )
-            ids = [i for index in batch for i in annotation_ids[index]]
-            partial.write("".join(json.dumps({"id": i, "pred_result": _pred_result(p)}) + "\n" for i, p in zip(ids, predictions)))
-            partial.flush()
-            if bar is not None:
-                bar.update(len(ids))
+    _predict(
+        model,
+        processor,
+        dataset,
+        mine,
+        annotation_ids,
+        os.path.join(partial_dir, f"rank{rank}.jsonl"),
+        f"dynrefer eval {task}" if progress and rank == 0 else None,
+        view_selection=view_selection,
+        region_batch_size=region_batch_size,
+        **({} if tag_threshold is None else {"tag_threshold": tag_threshold}),
+    )
     seconds = time.perf_counter() - started
-    if bar is not None:
-        bar.close()
     _barrier(world)
+    speed = total / seconds if seconds and total else 0.0
     if rank != 0:
-        return BenchmarkRun(
-            task, {}, None, None, 0, num_resumed, total, seconds, total / seconds if seconds and total else 0.0, world
-        )
+        return BenchmarkRun(task, {}, None, None, 0, num_resumed, total, seconds, speed, world)
 
-    predicted = _read_partials(partial_dir)
-    with open(annotations, encoding="utf-8") as file:
-        gt = json.load(file)
-    result = copy.deepcopy(gt)
-    for annotation in result["annotations"]:
-        if annotation["id"] in predicted:
-            annotation.setdefault("extra_info", {})["pred_result"] = predicted[annotation["id"]]
-    result_file = os.path.join(output_dir, "result.json")
-    with open(result_file, "w", encoding="utf-8") as file:
-        json.dump(result, file)
+    result, gt, result_file = _merge(partial_dir, annotations, output_dir)
     evaluated = [i for ids in annotation_ids for i in ids]
     metrics = score_result(
         task,
@@ -242,33 +303,29 @@ def run_benchmark(
         class_names=class_names,
         annotation_ids=evaluated if limit is not None else None,
     )
-    run = BenchmarkRun(
+    settings_used = {
+        **settings,
+        "limit": limit,
+        "tag_threshold": tag_threshold if tag_threshold is not None else model.config.tag_threshold,
+        "generation": model.generation_config.to_diff_dict(),
+        "processes": world,
+    }
+    metrics_file = os.path.join(output_dir, "metrics.json")
+    with open(metrics_file, "w", encoding="utf-8") as file:
+        json.dump({"metrics": metrics, "settings": settings_used}, file, indent=2)
+    return BenchmarkRun(
         task=task,
         metrics=metrics,
         result_file=result_file,
-        metrics_file=os.path.join(output_dir, "metrics.json"),
+        metrics_file=metrics_file,
         num_regions=len(evaluated),
         num_resumed=num_resumed,
         num_predicted=total,
         seconds=seconds,
-        regions_per_second=total / seconds if seconds and total else 0.0,
+        regions_per_second=speed,
         processes=world,
         table=format_metrics_table(task, metrics),
     )
-    settings_used = {
-        "task": task,
-        "annotations": os.path.abspath(os.fspath(annotations)),
-        "limit": limit,
-        "tag_threshold": tag_threshold if tag_threshold is not None else model.config.tag_threshold,
-        "view_selection": view_selection,
-        "batch_images": batch_images,
-        "region_batch_size": region_batch_size,
-        "generation": model.generation_config.to_diff_dict(),
-        "processes": world,
-    }
-    with open(run.metrics_file, "w", encoding="utf-8") as file:
-        json.dump({"metrics": metrics, "settings": settings_used}, file, indent=2)
-    return run
 
 
 def rescore_result_file(

@@ -1,5 +1,6 @@
-"""The paper's benchmark protocols (docs/upstream/evaluation.md §1, §3-§6): task settings and the scoring of
-upstream-format result files (the ground-truth file with ``extra_info.pred_result`` per annotation)."""
+"""The paper's benchmark protocols (docs/upstream/evaluation.md §1, §3-§6): the scorers of upstream-format result
+files (the ground-truth file with ``extra_info.pred_result`` per annotation), one per protocol, all with the
+signature ``scorer(result, gt, scoring: Scoring) -> metrics`` that the task records of ``tasks.py`` name."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ import numpy as np
 
 from ..data.upstream import FREQUENCY_SETS, coco_class_names, segmentation_box
 from ..metrics import DenseCaptionImage, attribute_map, caption_scores, dense_caption_map, mean_ap_by_group
-from .tasks import BENCHMARK_TASKS
+from .tasks import Scoring, get_task
 
-__all__ = ["ResultFileError", "format_metrics_table", "score_result"]
-
-
+__all__ = [
+    "ResultFileError",
+    "format_metrics_table",
+    "score_captioning",
+    "score_coco",
+    "score_densecap",
+    "score_ovad",
+    "score_result",
+]
 
 
 class ResultFileError(ValueError):
@@ -33,8 +40,9 @@ def _first(value):
     return value[0] if isinstance(value, list) else value
 
 
-def _captioning(result: dict, gt: dict, result_name: str, annotation_ids) -> dict:
+def score_captioning(result: dict, gt: dict, scoring: Scoring) -> dict:
     """§3: every result annotation's caption replaced by its prediction; COCOEvalCap per image id."""
+    result_name, annotation_ids = scoring.result_name, scoring.annotation_ids
     references: dict = {}
     for annotation in gt["annotations"]:
         references.setdefault(annotation["image_id"], []).append(str(annotation.get("caption", "")))
@@ -63,8 +71,9 @@ def _captioning(result: dict, gt: dict, result_name: str, annotation_ids) -> dic
     return {**metrics, "num_regions": len(candidates), "agg_metrics": metrics["METEOR"]}
 
 
-def _densecap(result: dict, gt: dict, result_name: str, annotation_ids) -> dict:
+def score_densecap(result: dict, gt: dict, scoring: Scoring) -> dict:
     """§4: GT boxes and captions per image of the GT file (file order); predictions from the result file."""
+    annotation_ids = scoring.annotation_ids
     predictions: dict = {}
     for annotation in result["annotations"]:
         prediction = _prediction(annotation)
@@ -117,8 +126,9 @@ def _percentages(prefix: str, fractions: dict[str, float]) -> dict[str, float | 
     return {prefix + name: None if np.isnan(value) else 100 * value for name, value in fractions.items()}
 
 
-def _ovad(result: dict, gt: dict, result_name: str, gt_name: str, annotation_ids) -> dict:
+def score_ovad(result: dict, gt: dict, scoring: Scoring) -> dict:
     """§5: attribute scores per annotation (zeros without a prediction), labels from ``ovad_result.att_vec``."""
+    result_name, gt_name, annotation_ids = scoring.result_name, scoring.gt_name, scoring.annotation_ids
     attrs = gt.get("attrs")
     if not isinstance(attrs, list) or not attrs:
         raise ResultFileError(f"{gt_name}: the file, field 'attrs': missing (the OVAD attribute definitions)")
@@ -168,9 +178,10 @@ def _ovad(result: dict, gt: dict, result_name: str, gt_name: str, annotation_ids
     }
 
 
-def _coco(result: dict, gt: dict, result_name: str, gt_name: str, class_names, annotation_ids) -> dict:
+def score_coco(result: dict, gt: dict, scoring: Scoring) -> dict:
     """§6: argmax of ``pred_result.cls`` against ``coco_result.category``; no prediction counts as wrong."""
-    class_names = list(coco_class_names() if class_names is None else class_names)
+    result_name, gt_name, annotation_ids = scoring.result_name, scoring.gt_name, scoring.annotation_ids
+    class_names = list(coco_class_names() if scoring.class_names is None else scoring.class_names)
     known = set(class_names)
     predicted = _by_id(result, "annotations")
     correct = total = missing = 0
@@ -216,41 +227,29 @@ def score_result(
     class_names: Sequence[str] | None = None,
     annotation_ids=None,
 ) -> dict:
-    """Score an upstream result file's content against its ground truth by ``task``'s protocol.
+    """Score an upstream result file's content against its ground truth by ``task``'s scorer.
 
     Metrics are x 100 (as the paper prints them); ``agg_metrics`` is upstream's own value (METEOR x 100,
     mAP x 100, OVAD mAP x 100 rounded to 2 decimals, COCO accuracy as a fraction). ``class_names``: the
     names ``pred_result.cls`` scores, in order (default: the 80 COCO names). ``annotation_ids``: score only
     these annotations (a partial run, ``--limit``); default: every annotation, as upstream.
     """
-    if task not in BENCHMARK_TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(BENCHMARK_TASKS)}")
+    benchmark = get_task(task)
     for name, content in ((result_name, result), (gt_name, gt)):
         if not isinstance(content, dict) or not isinstance(content.get("annotations"), list):
             raise ResultFileError(f"{name}: the file, field 'annotations': missing (not an upstream annotation file)")
-    metric = BENCHMARK_TASKS[task].metric
-    if annotation_ids is not None:
-        annotation_ids = set(annotation_ids)
-    if metric == "captioning":
-        return _captioning(result, gt, result_name, annotation_ids)
-    if metric == "densecap":
-        return _densecap(result, gt, result_name, annotation_ids)
-    if metric == "ovad":
-        return _ovad(result, gt, result_name, gt_name, annotation_ids)
-    return _coco(result, gt, result_name, gt_name, class_names, annotation_ids)
-
-
-_HEADLINE = {
-    "captioning": ("METEOR", "CIDEr", "Bleu_4", "ROUGE_L"),
-    "densecap": ("map", "detmap"),
-    "ovad": ("ap/all", "ap/head", "ap/medium", "ap/tail"),
-    "coco": ("accuracy",),
-}
+    scoring = Scoring(
+        result_name=result_name,
+        gt_name=gt_name,
+        class_names=class_names,
+        annotation_ids=None if annotation_ids is None else frozenset(annotation_ids),
+    )
+    return benchmark.score(result, gt, scoring)
 
 
 def format_metrics_table(task: str, metrics: dict) -> str:
     """A short Markdown table of the task's headline metrics (x 100)."""
-    names = ["task"] + [name for name in _HEADLINE[BENCHMARK_TASKS[task].metric] if name in metrics]
+    names = ["task"] + [name for name in get_task(task).headline if name in metrics]
     values = [task] + ["n/a" if metrics[name] is None else f"{metrics[name]:.2f}" for name in names[1:]]
     widths = [max(len(n), len(v)) for n, v in zip(names, values)]
     header = "| " + " | ".join(n.ljust(w) for n, w in zip(names, widths)) + " |"

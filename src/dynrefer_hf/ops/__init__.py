@@ -1,17 +1,19 @@
 """Sampling ops of DynRefer: RoIAlign (docs/upstream/model.md §3) and DCNv4's offset resampling (docs/upstream/model.md §4.4).
 
-Each public function validates and normalises its arguments, then dispatches to a backend:
+Each public function validates and normalises its arguments, then calls the kernel of a backend
+(:mod:`dynrefer_hf.ops.backends`: one schema per op, one kernel per backend):
 
 * ``"reference"``: the pure-PyTorch implementation in :mod:`dynrefer_hf.ops.reference` (any device).
 * ``"triton"``: the Triton kernels in ``dynrefer_hf.ops.triton_*`` (CUDA tensors, or any tensor under
   ``TRITON_INTERPRET=1``).
 * ``"auto"``: Triton when the tensor is on CUDA and Triton imports, or when ``TRITON_INTERPRET=1``;
   the reference otherwise (also when the kernel module cannot be imported).
+* any backend added with :func:`register_backend` (docs/ops.md, "Adding a backend").
 
 ``backend=None`` reads the environment variable ``DYNREFER_OPS_BACKEND`` (default ``"auto"``).
 Nothing here imports Triton at module load, so ``import dynrefer_hf`` works without Triton or a GPU.
 
-The backends are ``torch.library`` operators (``dynrefer::roi_align``, ``dynrefer::offset_resample``, and
+The kernels call ``torch.library`` operators (``dynrefer::roi_align``, ``dynrefer::offset_resample``, and
 ``dynrefer::roi_align_triton``, ``dynrefer::offset_resample_triton`` once the kernel modules are imported),
 each with a fake implementation, a backward operator and torchvision's autocast rule, so ``torch.compile``
 and ``torch.export`` trace through these functions without graph breaks. Shape, dtype and device checks
@@ -21,105 +23,71 @@ so they run only in eager mode unless asked for (``check_values``, ``DYNREFER_OP
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import logging
 import math
 import os
 from collections.abc import Sequence
-from functools import cache
 
 import torch
 from torch import nn
 
 from . import reference  # noqa: F401 (registers dynrefer::roi_align and dynrefer::offset_resample)
+from .backends import (
+    OP_SCHEMAS,
+    Backend,
+    backend_names,
+    choose_backend,
+    get_backend,
+    register_backend,
+    resolve_backend_name,
+    unregister_backend,
+)
 
-__all__ = ["BACKENDS", "RoIAlign", "offset_resample", "resolve_backend", "roi_align"]
+__all__ = [
+    "OP_SCHEMAS",
+    "Backend",
+    "RoIAlign",
+    "backend_names",
+    "get_backend",
+    "offset_resample",
+    "register_backend",
+    "resolve_backend",
+    "roi_align",
+    "unregister_backend",
+]
 
-logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "reference", "triton")
-_ENV_BACKEND = "DYNREFER_OPS_BACKEND"
 _ENV_CHECK_VALUES = "DYNREFER_OPS_CHECK_VALUES"
-_KERNEL_MODULES = {
-    "roi_align": "dynrefer_hf.ops.triton_roi_align",
-    "offset_resample": "dynrefer_hf.ops.triton_offset_resample",
-}
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
 
 
-@cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     """The backend asked for (``None`` reads ``DYNREFER_OPS_BACKEND``), with ``"auto"`` resolved.
 
-    Returns ``"reference"`` or ``"triton"``; in auto mode the answer is ``"triton"`` only if the kernel
-    could run on ``tensor`` (CUDA with Triton installed, or Triton's interpreter switched on).
+    Returns a registered backend's name; in auto mode ``"triton"`` only if the kernel could run on
+    ``tensor`` (CUDA with Triton installed, or Triton's interpreter switched on), else ``"reference"``.
     """
-    return _resolve(backend, tensor.device.type)
-
-
-def _resolve(backend: str | None, device_type: str) -> str:
-    if backend is None:
-        backend = os.environ.get(_ENV_BACKEND, "auto") or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"ops backend must be one of {BACKENDS}, got {backend!r} (argument or ${_ENV_BACKEND})"
-        )
-    if backend != "auto":
-        return backend
-    if _triton_interpret() or (device_type == "cuda" and _triton_importable()):
-        return "triton"
-    return "reference"
-
-
-def _load_kernel(op: str, explicit: bool) -> bool:
-    """Import the kernel module of ``op`` (registering its operator); ``False`` in auto mode when it fails."""
-    module_name = _KERNEL_MODULES[op]
-    try:
-        importlib.import_module(module_name)
-    except ImportError as error:
-        if explicit:
-            raise RuntimeError(
-                f"backend='triton' was asked for {op}, but {module_name} cannot be imported "
-                f"({error}); install triton (pip install 'dynrefer_hf[triton]') or use backend='reference'"
-            ) from error
-        _warn_fallback(op, str(error))
-        return False
-    return True
-
-
-@cache
-def _warn_fallback(op: str, reason: str) -> None:
-    logger.warning("Triton kernel for %s unavailable (%s); using the PyTorch reference.", op, reason)
+    return resolve_backend_name(backend, tensor.device.type)
 
 
 @torch.compiler.assume_constant_result
-def _use_triton(op: str, backend: str | None, device_type: str) -> bool:
-    """Whether ``op`` runs on the Triton operator (importing its module registers it) or the reference.
+def _backend_for(op: str, backend: str | None, device_type: str) -> str:
+    """The backend whose kernel runs ``op`` (``backends.choose_backend``; importing a kernel module registers it).
 
     Under ``torch.compile``/``torch.export`` this runs once while tracing and its answer is baked into the
     graph (no guard on the environment), so the backend is chosen when a graph is traced.
     """
-    explicit = backend == "triton" or (backend is None and os.environ.get(_ENV_BACKEND) == "triton")
-    if _resolve(backend, device_type) == "reference":
-        return False
-    if explicit and not (device_type == "cuda" or _triton_interpret()):
-        raise RuntimeError(
-            f"backend='triton' was asked for {op} on a {device_type} tensor; the kernels need a CUDA "
-            "tensor or TRITON_INTERPRET=1 (set before triton is imported)"
-        )
-    return _load_kernel(op, explicit)
+    return choose_backend(op, backend, device_type)
+
+
+def _run(
+    op: str, backend: str | None, device_type: str, arguments: tuple, deterministic: bool
+) -> torch.Tensor:
+    """``op``'s kernel on its schema's arguments; ``deterministic`` is also on under
+    ``torch.use_deterministic_algorithms(True)``."""
+    kernel = get_backend(_backend_for(op, backend, device_type)).kernel(op)
+    return kernel(*arguments, bool(deterministic or torch.are_deterministic_algorithms_enabled()))
 
 
 def _check_values(check_values: bool | None) -> bool:
@@ -243,7 +211,8 @@ def roi_align(
         spatial_scale: box coordinates times this give feature cells (DynRefer: ``1/14``).
         sampling_ratio: samples per bin and axis; ``<= 0`` is adaptive (``ceil(roi_size / out_size)``).
         aligned: half-pixel shift (``False`` is the legacy behaviour DynRefer uses).
-        backend: ``None`` (read ``DYNREFER_OPS_BACKEND``), ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``None`` (read ``DYNREFER_OPS_BACKEND``), ``"auto"`` or a registered backend
+            (``"reference"``, ``"triton"``, ...: ``backend_names()``).
         deterministic: ask the Triton kernel for a backward without float atomics (also on under
             ``torch.use_deterministic_algorithms(True)``); the reference ignores it.
         check_values: check that boxes are finite and batch indices valid (reads the boxes: one host
@@ -265,11 +234,8 @@ def roi_align(
     rois = _boxes_to_rois(boxes, input)
     if _check_values(check_values):
         _check_roi_values(rois, input.shape[0])
-    args = (input, rois, list(output_hw), float(spatial_scale), sampling_ratio, bool(aligned))
-    if not _use_triton("roi_align", backend, input.device.type):
-        return torch.ops.dynrefer.roi_align(*args)
-    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    return torch.ops.dynrefer.roi_align_triton(*args, bool(deterministic))
+    arguments = (input, rois, list(output_hw), float(spatial_scale), sampling_ratio, bool(aligned))
+    return _run("roi_align", backend, input.device.type, arguments, deterministic)
 
 
 class RoIAlign(nn.Module):
@@ -338,7 +304,8 @@ def offset_resample(
         group: number of groups.
         offset_scale: scales the tap grid and the offsets.
         remove_center: drop the centre kernel point (needs odd kernel sizes).
-        backend: ``None`` (read ``DYNREFER_OPS_BACKEND``), ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``None`` (read ``DYNREFER_OPS_BACKEND``), ``"auto"`` or a registered backend
+            (``"reference"``, ``"triton"``, ...: ``backend_names()``).
         deterministic: ask the Triton kernel for a backward without float atomics (also on under
             ``torch.use_deterministic_algorithms(True)``); the reference ignores it.
 
@@ -389,7 +356,7 @@ def offset_resample(
             f"got {offset_mask.shape[3]}"
         )
 
-    args = (
+    arguments = (
         value,
         offset_mask,
         list(kernel_hw),
@@ -400,7 +367,4 @@ def offset_resample(
         float(offset_scale),
         bool(remove_center),
     )
-    if not _use_triton("offset_resample", backend, value.device.type):
-        return torch.ops.dynrefer.offset_resample(*args)
-    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    return torch.ops.dynrefer.offset_resample_triton(*args, bool(deterministic))
+    return _run("offset_resample", backend, value.device.type, arguments, deterministic)

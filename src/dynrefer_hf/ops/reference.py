@@ -15,8 +15,10 @@ from ._library import register_float32_autocast
 
 __all__ = [
     "offset_resample_backward_reference",
+    "offset_resample_kernel",
     "offset_resample_reference",
     "roi_align_backward_reference",
+    "roi_align_kernel",
     "roi_align_reference",
 ]
 
@@ -433,3 +435,26 @@ for _qualname, _result_like in (
     ("dynrefer::offset_resample_backward", (1, 2)),
 ):
     register_float32_autocast(_qualname, _result_like)
+
+
+# The reference backend's kernels (the schemas of ops/backends.py); the reference has no float atomics, so
+# `deterministic` changes nothing.
+def roi_align_kernel(input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic):
+    return torch.ops.dynrefer.roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+def offset_resample_kernel(
+    value,
+    offset_mask,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    group,
+    offset_scale,
+    remove_center,
+    deterministic,
+):
+    return torch.ops.dynrefer.offset_resample(
+        value, offset_mask, kernel_size, stride, padding, dilation, group, offset_scale, remove_center
+    )

@@ -33,7 +33,7 @@ except ImportError as error:  # the dispatch in dynrefer_hf.ops falls back to th
 from ._library import register_float32_autocast
 from ._triton_common import accumulator_dtypes, check_dtype, on_device
 
-__all__ = ["offset_resample_triton"]
+__all__ = ["offset_resample_kernel", "offset_resample_triton"]
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -842,3 +842,30 @@ def _grad(ctx, grad_output):
 offset_resample_triton.register_autograd(_grad, setup_context=_setup_context)
 register_float32_autocast("dynrefer::offset_resample_triton", (0,))
 register_float32_autocast("dynrefer::offset_resample_triton_backward", (1, 2))
+
+
+def offset_resample_kernel(
+    value,
+    offset_mask,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    group,
+    offset_scale,
+    remove_center,
+    deterministic,
+):
+    """The triton backend's ``offset_resample`` kernel (the schema of ops/backends.py)."""
+    return torch.ops.dynrefer.offset_resample_triton(
+        value,
+        offset_mask,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        group,
+        offset_scale,
+        remove_center,
+        deterministic,
+    )

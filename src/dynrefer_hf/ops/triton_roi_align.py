@@ -35,7 +35,7 @@ except ImportError as error:  # the dispatch in dynrefer_hf.ops falls back to th
 from ._library import register_float32_autocast
 from ._triton_common import accumulator_dtypes, check_dtype, on_device
 
-__all__ = ["roi_align_triton"]
+__all__ = ["roi_align_kernel", "roi_align_triton"]
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -620,3 +620,10 @@ def _grad(ctx, grad_output):
 roi_align_triton.register_autograd(_grad, setup_context=_setup_context)
 register_float32_autocast("dynrefer::roi_align_triton", (0,))
 register_float32_autocast("dynrefer::roi_align_triton_backward", (0,))
+
+
+def roi_align_kernel(input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic):
+    """The triton backend's ``roi_align`` kernel (the schema of ops/backends.py)."""
+    return torch.ops.dynrefer.roi_align_triton(
+        input, rois, output_size, spatial_scale, sampling_ratio, aligned, deterministic
+    )

@@ -5,7 +5,6 @@ from .region_captioning import (
     DEFAULT_REGION_BATCH_SIZE,
     TASK,
     RegionCaptioningPipeline,
-    load_rgb_image,
     register_pipeline,
 )
 
@@ -14,6 +13,5 @@ __all__ = [
     "DEFAULT_REGION_BATCH_SIZE",
     "TASK",
     "RegionCaptioningPipeline",
-    "load_rgb_image",
     "register_pipeline",
 ]

@@ -18,25 +18,21 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from typing import Any
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 from transformers import GenerationMixin
 from transformers.pipelines.base import ChunkPipeline
 from transformers.utils import logging
 
-from ..image_processing_dynrefer import as_region_boxes, to_rgb_array
+from ..image_processing_dynrefer import as_region_boxes
+from ..images import DEFAULT_DOWNLOAD_TIMEOUT, load_rgb_image
 from ..pretrained import SHAPES_DEMO_PATH
 from ..segmentation import PointSegmenter, mask_to_rle, region_points
 from ..validation import (
-    DEFAULT_DOWNLOAD_TIMEOUT,
     binary_masks,
     check_bool,
     check_count,
@@ -50,7 +46,6 @@ __all__ = [
     "DEFAULT_REGION_BATCH_SIZE",
     "TASK",
     "RegionCaptioningPipeline",
-    "load_rgb_image",
     "register_pipeline",
 ]
 
@@ -81,68 +76,6 @@ DEMO_MODEL_NOTICE = (
 )
 
 logger = logging.get_logger(__name__)
-
-ImageInput = str | os.PathLike | PIL.Image.Image | np.ndarray
-
-
-def load_rgb_image(
-    image: ImageInput, timeout: float | None = DEFAULT_DOWNLOAD_TIMEOUT, exif_orientation: bool = True
-) -> PIL.Image.Image:
-    """An RGB PIL image from a local path, an ``http(s)`` URL, a PIL image or a NumPy array.
-
-    NumPy arrays are ``uint8`` or ``uint16`` ``[H, W]`` (grey) or ``[H, W, 1|3|4]``; 16-bit images are
-    rescaled to 8 bits, 32-bit and float images refused (``image_processing_dynrefer.to_rgb_array``).
-
-    Args:
-        timeout: seconds a download may wait for the server (connect and each read); ``None`` waits forever.
-        exif_orientation: for files and downloads, turn the image as its EXIF orientation tag says, as
-            photo viewers and annotation tools show it (default). ``False`` keeps the stored pixel order,
-            as upstream's ``Image.open(path).convert("RGB")`` does. PIL images and arrays are used as given.
-
-    Raises:
-        FileNotFoundError: a path that does not exist.
-        ValueError: a file or download that is not a readable image (truncated, not an image, larger than
-            PIL's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS``), a download that failed or timed
-            out, a 32-bit/float image, or an array of the wrong shape.
-        TypeError: anything else than a path, URL, PIL image or array.
-    """
-    if isinstance(image, (PIL.Image.Image, np.ndarray)):
-        return PIL.Image.fromarray(to_rgb_array(image))
-    if not isinstance(image, (str, os.PathLike)):
-        raise TypeError(
-            f"an image must be a path, a URL, a PIL image or a NumPy array, got {type(image).__name__}"
-        )
-    check_number("timeout", timeout, 0.0, low_open=True, allow_none=True)
-    source = os.fspath(image)
-    if source.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(source, timeout=timeout) as response:
-                content = response.read()
-        except (urllib.error.URLError, OSError) as error:  # TimeoutError and socket errors are OSErrors
-            raise ValueError(
-                f"could not download the image {source}: {getattr(error, 'reason', error)} (timeout {timeout} s)"
-            ) from error
-        return _open_image(BytesIO(content), source, exif_orientation)
-    if os.path.isdir(source):
-        raise ValueError(f"{source} is a folder, not an image file")
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"image file not found: {source}")
-    return _open_image(source, source, exif_orientation)
-
-
-def _open_image(file, name: str, exif_orientation: bool) -> PIL.Image.Image:
-    try:
-        with PIL.Image.open(file) as opened:
-            opened.load()
-            turned = PIL.ImageOps.exif_transpose(opened) if exif_orientation else opened
-            return PIL.Image.fromarray(to_rgb_array(turned))
-    except PIL.Image.DecompressionBombError as error:
-        raise ValueError(
-            f"{name} is not a readable image: {error} (raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file)"
-        ) from None
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, EOFError) as error:
-        raise ValueError(f"{name} is not a readable image ({error})") from None
-
 
 def _prefetched(items: Iterator[Any]) -> Iterator[Any]:
     """The items of ``items``, each next one computed in a background thread while the caller uses the current one.
