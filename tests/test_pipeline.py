@@ -273,6 +273,9 @@ def test_masks_are_described_as_the_box_upstream_derives_from_them(describe, ima
     assert [result["box"] for result in with_masks] == [[float(v) for v in box] for box in derived]
     with_boxes = describe(images[0], boxes=derived, **GENERATION)
     assert [r["caption"] for r in with_masks] == [r["caption"] for r in with_boxes]
+    # saved as SAM and mask PNGs save them: 0 / 255
+    as_saved = describe(images[0], masks=masks.astype(np.uint8) * 255, **GENERATION)
+    assert as_saved == with_masks
 
 
 def test_return_views_reports_what_the_image_processor_built(describe, images):
