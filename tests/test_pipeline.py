@@ -112,6 +112,19 @@ def test_factory_builds_the_pipeline_from_a_saved_folder(describe, images):
     assert all_attributes[:2] == results[0]["attributes"]
 
 
+def test_the_default_model_is_a_source_and_the_shipped_model_has_a_path_of_its_own():
+    from transformers import AutoConfig
+
+    from dynrefer_hf.pipelines import DEFAULT_MODEL
+
+    # the shipped model's folder, loadable as it is; the default model is a (name_or_path, revision) pair
+    assert AutoConfig.from_pretrained(dynrefer_hf.SHAPES_DEMO_PATH).model_type == "dynrefer"
+    assert DEFAULT_MODEL.name_or_path == str(dynrefer_hf.SHAPES_DEMO_PATH) and DEFAULT_MODEL.revision is None
+    assert repr(DEFAULT_MODEL).startswith("ModelSource(name_or_path=")
+    # what the factory loads when no model is named
+    assert pipeline("region-captioning").model.name_or_path == DEFAULT_MODEL.name_or_path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_any_batch_size_gives_the_region_by_region_results(describe, model_folder, images, dtype):

@@ -25,6 +25,7 @@ _EXPORTS = {
     "DynReferPreTrainedModel": "modeling_dynrefer",
     "DynReferProcessor": "processing_dynrefer",
     "RegionCaptioningPipeline": "pipelines",
+    "SHAPES_DEMO_PATH": "pretrained",
     "draw_regions": "visualize",
     "draw_views": "visualize",
 }
@@ -37,6 +38,7 @@ __all__ = [
     "DynReferPreTrainedModel",
     "DynReferProcessor",
     "RegionCaptioningPipeline",
+    "SHAPES_DEMO_PATH",
     "__version__",
     "draw_regions",
     "draw_views",
