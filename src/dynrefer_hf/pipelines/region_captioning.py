@@ -86,6 +86,9 @@ DEMO_MODEL_NOTICE = (
     "released DynRefer weights"
 )
 
+# Written in a corner of the pictures drawn from the demonstration model's results (`dynrefer caption --draw`).
+DEMO_MODEL_MARK = "dynrefer_hf demonstration model (shapes), not the paper's"
+
 logger = logging.get_logger(__name__)
 
 def _prefetched(items: Iterator[Any]) -> Iterator[Any]:
