@@ -60,8 +60,10 @@ def test_workers_of_a_command_that_ended_are_killed_and_named(tmp_path, outcome)
     assert completed.returncode == (0 if outcome == "exit" else -9)
     worker = _worker_pid(tmp_path / "worker.pid")
     assert _gone(worker)
-    assert any(f"{worker} (" in str(warning.message) and "left processes running" in str(warning.message)
-               for warning in caught)
+    assert any(
+        f"{worker} (" in str(warning.message) and "left processes running" in str(warning.message)
+        for warning in caught
+    )
 
 
 def test_workers_of_a_command_that_hangs_are_killed(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-import dynrefer_hf  # noqa: F401  (registers the task)
+import dynrefer_hf  # (registers the task)
 from dynrefer_hf.pipelines import RegionCaptioningPipeline
 
 GENERATION = {"max_new_tokens": 5, "min_length": 3}

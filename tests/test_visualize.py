@@ -58,7 +58,8 @@ def test_regions_get_outlines_and_captions_in_their_colour():
         colour = region_color(index)
         assert tuple(pixels[(y1 + y2) // 2, x1]) == colour and tuple(pixels[y2 - 1, (x1 + x2) // 2]) == colour
     assert tuple(pixels[5, 1]) == region_color(0)  # the first caption's band, inside its box
-    assert (pixels[100:118, 152] == region_color(1)).all(axis=1).sum() > 10  # the second caption's band, above its box
+    # the second caption's band, above its box
+    assert (pixels[100:118, 152] == region_color(1)).all(axis=1).sum() > 10
     assert tuple(pixels[200, 20]) == (128, 128, 128)  # outside every box and caption
 
 
@@ -104,7 +105,9 @@ def test_captions_do_not_run_across_another_box():
 def test_boxes_and_labels_show_on_a_background_of_their_own_colour():
     brown = region_color(5)
     image = PIL.Image.new("RGB", (300, 200), brown)
-    results = [{"box": [0, 0, 1, 1], "caption": str(i)} for i in range(5)] + [{"box": [100, 80, 200, 160], "caption": "x"}]
+    results = [{"box": [0, 0, 1, 1], "caption": str(i)} for i in range(5)] + [
+        {"box": [100, 80, 200, 160], "caption": "x"}
+    ]
     pixels = np.asarray(draw_regions(image, results, show_index=False))
     edge = (255, 255, 255)  # white on dark colours, black on light ones
     line_width = 2

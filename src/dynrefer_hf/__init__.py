@@ -31,6 +31,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "SHAPES_DEMO_PATH",
     "DynReferConfig",
     "DynReferForRegionCaptioning",
     "DynReferImageProcessor",
@@ -38,7 +39,6 @@ __all__ = [
     "DynReferPreTrainedModel",
     "DynReferProcessor",
     "RegionCaptioningPipeline",
-    "SHAPES_DEMO_PATH",
     "__version__",
     "draw_regions",
     "draw_views",

@@ -63,7 +63,9 @@ def _crosses_outline(band: Rect, box: Rect, line_width: int) -> bool:
     """Whether ``band`` covers part of ``box``'s outline (a band wholly inside the box, clear of its
     outline, does not: a caption inside a larger box hides none of it)."""
     inside = (box[0] + line_width, box[1] + line_width, box[2] - line_width, box[3] - line_width)
-    wholly_inside = inside[0] <= band[0] and inside[1] <= band[1] and band[2] <= inside[2] and band[3] <= inside[3]
+    wholly_inside = (
+        inside[0] <= band[0] and inside[1] <= band[1] and band[2] <= inside[2] and band[3] <= inside[3]
+    )
     return _overlaps(band, box) and not wholly_inside
 
 
@@ -72,7 +74,14 @@ def _band(anchor: str, x: int, y: int, width: int, height: int) -> Rect:
 
 
 def _widest_free_band(
-    anchor: str, x: int, y: int, height: int, limit: int, boxes: list[Rect], bands: list[Rect], line_width: int
+    anchor: str,
+    x: int,
+    y: int,
+    height: int,
+    limit: int,
+    boxes: list[Rect],
+    bands: list[Rect],
+    line_width: int,
 ) -> int:
     """The widest band (at most ``limit``) starting at ``x`` (``anchor`` "left") or ending there ("right")
     that crosses no outline of ``boxes`` and overlaps none of ``bands`` (found by bisection: a wider band
@@ -148,7 +157,9 @@ def _label(
     taken.append(band)
     draw.rectangle((band[0], band[1], band[2] - 1, band[3] - 1), fill=color, outline=_text_color(color))
     text_left = draw.textbbox((0, 0), text, font=font)[0]
-    draw.text((band[0] + padding - text_left, band[1] + padding - top), text, fill=_text_color(color), font=font)
+    draw.text(
+        (band[0] + padding - text_left, band[1] + padding - top), text, fill=_text_color(color), font=font
+    )
 
 
 def _caption_text(index: int, result: Mapping, show_index: bool) -> str:
@@ -163,7 +174,11 @@ def _outline(draw: ImageDraw.ImageDraw, box: Rect, color, line_width: int) -> No
     any background, dark or light, even one of its own colour."""
     x1, y1, x2, y2 = box
     # Boxes are exclusive at x2/y2; PIL's rectangle includes both corners.
-    draw.rectangle((x1 - 1, y1 - 1, max(x1, x2 - 1) + 1, max(y1, y2 - 1) + 1), outline=_text_color(color), width=line_width + 2)
+    draw.rectangle(
+        (x1 - 1, y1 - 1, max(x1, x2 - 1) + 1, max(y1, y2 - 1) + 1),
+        outline=_text_color(color),
+        width=line_width + 2,
+    )
     draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=color, width=line_width)
 
 
