@@ -51,6 +51,7 @@ def full_run(tiny_region_captioner, image_path, tmp_path_factory):
 def test_caption_json_describes_every_box_as_the_pipeline_does(full_run, tiny_region_captioner, image_path):
     payload, _ = full_run
     assert payload["image"] == image_path and payload["model"] == str(tiny_region_captioner)
+    assert payload["demonstration_model"] is False
     regions = payload["regions"]
     assert [region["box"] for region in regions] == [[float(v) for v in box] for box in BOXES]
     describe = pipeline("region-captioning", model=str(tiny_region_captioner), device="cpu")
@@ -62,6 +63,30 @@ def test_caption_json_describes_every_box_as_the_pipeline_does(full_run, tiny_re
         assert region["label"]["name"] == reference["label"]["name"]
         assert [a["name"] for a in region["attributes"]] == [a["name"] for a in reference["attributes"]]
         assert region["score"] == pytest.approx(reference["score"], rel=1e-3)
+
+
+def test_results_and_pictures_of_the_demonstration_model_say_so(image_path, tmp_path, capsys):
+    from dynrefer_hf.cli import main
+
+    picture_path = tmp_path / "regions.png"
+    argv = ["caption", image_path, "--box", "20,60,200,300", "--json", "--draw", str(picture_path), "--quiet"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["demonstration_model"] is True
+    # a small black-on-white mark in the bottom-right corner, where the photo is not white
+    corner = np.asarray(PIL.Image.open(picture_path).convert("RGB"))[-12:, -120:]
+    original = np.asarray(PIL.Image.open(image_path).convert("RGB"))[-12:, -120:]
+    assert (original == 255).all(axis=2).mean() < 0.1
+    assert (corner == 255).all(axis=2).mean() > 0.5 and (corner < 60).all(axis=2).any()
+
+
+def test_caption_help_says_what_each_score_is(capsys):
+    from dynrefer_hf.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "probability as a whole token sequence" in text and "can be negative" in text
+    assert "not a probability" in text and "demonstration_model" in text
 
 
 @pytest.mark.slow
@@ -76,12 +101,15 @@ def test_region_picture_outlines_each_box_in_its_colour(full_run, image_path):
         middle_x, middle_y = (x1 + x2) // 2, (y1 + y2) // 2
         for x, y in ((x1, middle_y), (x2 - 1, middle_y), (middle_x, y2 - 1)):  # left, right and bottom edges
             assert tuple(picture[y, x]) == colour
-        assert tuple(picture[y1 - 1, x1]) == colour  # the caption band sits on the top edge
+        # the caption band sits on the top edge or, where there is more room, under the box
+        by_the_box = np.concatenate([picture[max(0, y1 - 40) : y1 - 1], picture[y2 + 1 : y2 + 40]])
+        assert (by_the_box == colour).all(axis=2).sum() > 300
         assert np.array_equal(
             picture[middle_y, middle_x], original[middle_y, middle_x]
         )  # the inside is not painted
-        may_change[y1:y2, x1:x2] = True
+        may_change[y1 - 1 : y2 + 1, x1 - 1 : x2 + 1] = True  # with the edge around the outline
         may_change[max(0, y1 - 40) : y1, :] = True  # the caption band above the box (shifted left if long)
+        may_change[y2 : y2 + 40, :] = True  # or under it
     changed = (picture != original).any(axis=2)
     assert changed.any() and not (changed & ~may_change).any()
 

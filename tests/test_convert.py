@@ -754,6 +754,20 @@ def test_cli_reports_a_truncated_checkpoint_in_one_line(upstream, tmp_path, caps
     )
 
 
+def test_cli_names_the_model_type_of_another_models_config(upstream, tmp_path, capsys):
+    from dynrefer_hf.cli import main
+
+    paths, other = upstream["paths"], upstream["root"] / "flan-t5" / "config.json"
+    argv = [
+        "convert", "--dynrefer", str(paths["dynrefer"]), "--blip2", str(paths["blip2"]),
+        "--eva-vit", str(paths["eva_vit"]), "--flan-t5", str(upstream["root"] / "flan-t5"),
+        "--eva-clip", str(paths["eva_clip"]), "--config", str(other), "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--config {other}: its model_type is 't5', not 'dynrefer'" in err and len(err.splitlines()) == 1
+
+
 def test_push_refuses_a_folder_that_is_not_a_conversion(tmp_path, capsys):
     from dynrefer_hf.cli import main
 

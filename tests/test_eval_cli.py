@@ -235,3 +235,61 @@ def test_finetune_example_reads_an_upstream_annotation_file(exported, tmp_path, 
     ])
     runpy.run_path(str(example), run_name="__main__")
     assert (tmp_path / "ft" / "model.safetensors").is_file()
+
+
+def _notice_and_error(err: str) -> str:
+    """The error line, after the demonstration-model notice (and the loading bars)."""
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("dynrefer: note: using the demonstration model") and "not the paper's model" in lines[0]
+    assert lines[-1].startswith("dynrefer eval: ") and sum(line.startswith("dynrefer") for line in lines) == 2, err
+    return lines[-1]
+
+
+def test_a_field_the_protocol_scores_is_checked_when_the_file_is_loaded(exported, tmp_path, capsys):
+    content = json.loads(Path(exported["regions"]).read_text())
+    renamed = content["annotations"][2]
+    renamed["captions"] = [renamed.pop("caption")]
+    broken = tmp_path / "captions.json"
+    broken.write_text(json.dumps(content))
+    output = tmp_path / "refcocog"
+    code, _, err = _eval(capsys, "--task", "refcocog", "--annotations", str(broken), "--output", str(output))
+    error = _notice_and_error(err)
+    assert code == 2
+    assert f"{broken}: annotation id {renamed['id']}, field 'caption': is missing" in error and "captions" in error
+    assert not list((output / "partial").glob("rank*.jsonl"))  # refused before the model ran
+    # re-scoring against such a ground truth names the same record and field
+    code, _, err = _eval(capsys, "--task", "refcocog", "--rescore", exported["regions"], "--annotations", str(broken))
+    assert code == 2 and f"annotation id {renamed['id']}, field 'caption': missing" in err
+
+    # the recognition protocol's field, likewise
+    content = json.loads(Path(exported["images"]).read_text())
+    unlabelled = content["annotations"][0]
+    del unlabelled["extra_info"]["coco_result"]
+    broken.write_text(json.dumps(content))
+    code, _, err = _eval(capsys, "--task", "coco", "--annotations", str(broken), "--output", str(tmp_path / "coco"),
+                         "--quiet")
+    assert code == 2 and "dynrefer: note:" not in err
+    assert f"annotation id {unlabelled['id']}, field 'extra_info.coco_result.category': is missing" in err
+
+
+def test_an_internal_error_is_not_reported_as_the_users(exported, ovad_one_process, capsys, monkeypatch):
+    from dynrefer_hf.evaluation import benchmark
+
+    def slip(*args, **kwargs):
+        raise ValueError("an internal slip")
+
+    monkeypatch.setattr(benchmark, "score_result", slip)
+    code, _, err = _eval(capsys, "--task", "ovad", "--rescore", str(ovad_one_process / "result.json"),
+                         "--annotations", exported["images"])
+    assert code == 1 and "Traceback" in err and "an internal error stopped the command" in err
+
+
+def test_rescore_writes_metrics_json_into_output(exported, ovad_one_process, tmp_path, capsys):
+    output = tmp_path / "rescored"
+    code, out, err = _eval(capsys, "--task", "ovad", "--rescore", str(ovad_one_process / "result.json"),
+                           "--annotations", exported["images"], "--output", str(output))
+    assert code == 0, err
+    written = json.loads((output / "metrics.json").read_text())
+    assert written["metrics"] == json.loads((ovad_one_process / "metrics.json").read_text())["metrics"]
+    assert written["settings"]["rescored"] == str(ovad_one_process / "result.json")
+    assert f"wrote {output / 'metrics.json'}" in out

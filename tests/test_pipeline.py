@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-import dynrefer_hf  # noqa: F401  (registers the task)
+import dynrefer_hf  # (registers the task)
 from dynrefer_hf.pipelines import RegionCaptioningPipeline
 
 GENERATION = {"max_new_tokens": 5, "min_length": 3}
@@ -110,6 +110,19 @@ def test_factory_builds_the_pipeline_from_a_saved_folder(describe, images):
     ]
     assert sorted(a["name"] for a in all_attributes) == sorted(config.attribute_names)
     assert all_attributes[:2] == results[0]["attributes"]
+
+
+def test_the_default_model_is_a_source_and_the_shipped_model_has_a_path_of_its_own():
+    from transformers import AutoConfig
+
+    from dynrefer_hf.pipelines import DEFAULT_MODEL
+
+    # the shipped model's folder, loadable as it is; the default model is a (name_or_path, revision) pair
+    assert AutoConfig.from_pretrained(dynrefer_hf.SHAPES_DEMO_PATH).model_type == "dynrefer"
+    assert DEFAULT_MODEL.name_or_path == str(dynrefer_hf.SHAPES_DEMO_PATH) and DEFAULT_MODEL.revision is None
+    assert repr(DEFAULT_MODEL).startswith("ModelSource(name_or_path=")
+    # what the factory loads when no model is named
+    assert pipeline("region-captioning").model.name_or_path == DEFAULT_MODEL.name_or_path
 
 
 @pytest.mark.slow
@@ -273,6 +286,9 @@ def test_masks_are_described_as_the_box_upstream_derives_from_them(describe, ima
     assert [result["box"] for result in with_masks] == [[float(v) for v in box] for box in derived]
     with_boxes = describe(images[0], boxes=derived, **GENERATION)
     assert [r["caption"] for r in with_masks] == [r["caption"] for r in with_boxes]
+    # saved as SAM and mask PNGs save them: 0 / 255
+    as_saved = describe(images[0], masks=masks.astype(np.uint8) * 255, **GENERATION)
+    assert as_saved == with_masks
 
 
 def test_return_views_reports_what_the_image_processor_built(describe, images):

@@ -95,6 +95,23 @@ def test_masks_must_be_binary():
         binary_masks(np.array([["a"]]))
 
 
+def test_integer_masks_of_zero_and_one_other_value_are_binary():
+    masks = np.zeros((2, 6, 8), dtype=np.uint8)
+    masks[0, 1:4, 2:5] = 255  # as SAM masks and mask PNGs are saved
+    masks[1, 2:5, 3:7] = 255
+    expected = masks.astype(bool)  # non-zero is the region, as torchvision's masks_to_boxes reads masks
+    np.testing.assert_array_equal(binary_masks(masks), expected)
+    np.testing.assert_array_equal(binary_masks(torch.from_numpy(masks.astype(np.int32) // 255 * 7)), expected)
+    np.testing.assert_array_equal(binary_masks(np.zeros((1, 3, 3), dtype=np.int64)), np.zeros((1, 3, 3), bool))
+    for refused in (
+        np.array([[0, 1, 2]], dtype=np.uint8),  # a label map, not one region
+        np.array([[0, -1, -1]], dtype=np.int16),
+        np.array([[0.0, 255.0]]),  # soft or not, floats stay 0/1
+    ):
+        with pytest.raises(ValueError, match="0 and one other positive integer such as 0/255"):
+            binary_masks(refused)
+
+
 def test_one_box_rule_for_processor_pipeline_and_command_line():
     assert checked_region_box([-5, 3, 20, 40], 80, 60).tolist() == [-5, 3, 20, 40]  # partly outside: kept
     assert checked_region_box([30, 30, 30, 30], 80, 60).tolist() == [29, 29, 30, 30]  # zero area: widened

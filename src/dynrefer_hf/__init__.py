@@ -25,11 +25,13 @@ _EXPORTS = {
     "DynReferPreTrainedModel": "modeling_dynrefer",
     "DynReferProcessor": "processing_dynrefer",
     "RegionCaptioningPipeline": "pipelines",
+    "SHAPES_DEMO_PATH": "pretrained",
     "draw_regions": "visualize",
     "draw_views": "visualize",
 }
 
 __all__ = [
+    "SHAPES_DEMO_PATH",
     "DynReferConfig",
     "DynReferForRegionCaptioning",
     "DynReferImageProcessor",

@@ -117,10 +117,13 @@ def check_top_k(name: str, value: Any) -> int | None:
 
 
 def binary_masks(masks: Any, name: str = "masks") -> np.ndarray:
-    """``masks`` as a boolean array; refused unless every value is 0/1 (or ``False``/``True``).
+    """``masks`` as a boolean array; refused unless they are binary: ``False``/``True``, 0/1, or integers
+    taking 0 and one other positive value (0/255, as SAM masks and mask PNGs are saved), whose non-zero
+    pixels are the region, as torchvision's ``masks_to_boxes`` reads masks.
 
-    Soft (probability) masks and masks holding NaN are refused, not thresholded: ``astype(bool)`` would
-    turn every non-zero probability, and NaN, into a mask pixel. Threshold them yourself (``masks > 0.5``).
+    Soft (probability) masks, masks holding NaN and integer masks with several non-zero values (label maps)
+    are refused, not thresholded: ``astype(bool)`` would turn every non-zero probability, and NaN, into a
+    mask pixel. Threshold them yourself (``masks > 0.5``).
     """
     if hasattr(masks, "detach"):  # a torch tensor
         masks = masks.detach().cpu().numpy()
@@ -136,13 +139,17 @@ def binary_masks(masks: Any, name: str = "masks") -> np.ndarray:
         raise TypeError(f"{name} must be a boolean or 0/1 numeric array, got dtype {array.dtype}")
     if array.dtype.kind == "f" and np.isnan(array).any():
         raise ValueError(f"{name} contain NaN: masks must be binary (0/1 or boolean)")
-    if array.size and not np.isin(array, (0, 1)).all():
-        low, high = array.min(), array.max()
-        raise ValueError(
-            f"{name} must be binary (0/1 or boolean), got values from {low:g} to {high:g}; threshold soft "
-            "masks yourself, e.g. `masks > 0.5`"
-        )
-    return array.astype(bool)
+    if array.dtype.kind in "iu":
+        foreground = array[array != 0]
+        if not foreground.size or (foreground.flat[0] > 0 and (foreground == foreground.flat[0]).all()):
+            return array != 0
+    elif not array.size or np.isin(array, (0, 1)).all():
+        return array.astype(bool)
+    low, high = array.min(), array.max()
+    raise ValueError(
+        f"{name} must be binary (boolean, 0/1, or 0 and one other positive integer such as 0/255), got values "
+        f"from {low:g} to {high:g}; threshold soft masks yourself, e.g. `masks > 0.5`"
+    )
 
 
 def checked_region_box(box: Sequence[float], width: int, height: int, where: str = "box") -> np.ndarray:

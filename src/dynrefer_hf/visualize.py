@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 from PIL import ImageDraw, ImageFilter, ImageFont
 
-__all__ = ["REGION_COLORS", "draw_clicks", "draw_regions", "draw_views", "region_color"]
+__all__ = ["REGION_COLORS", "draw_clicks", "draw_regions", "draw_views", "label_sizes", "region_color"]
 
 # Distinct, saturated colours (Tableau 10), cycled over the regions.
 REGION_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -52,33 +52,114 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_width: float) -> s
     return text + "…"
 
 
-def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+Rect = tuple[int, int, int, int]  # x1, y1, x2, y2, exclusive at x2 / y2
+
+
+def _overlaps(a: Rect, b: Rect) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _crosses_outline(band: Rect, box: Rect, line_width: int) -> bool:
+    """Whether ``band`` covers part of ``box``'s outline (a band wholly inside the box, clear of its
+    outline, does not: a caption inside a larger box hides none of it)."""
+    inside = (box[0] + line_width, box[1] + line_width, box[2] - line_width, box[3] - line_width)
+    wholly_inside = (
+        inside[0] <= band[0] and inside[1] <= band[1] and band[2] <= inside[2] and band[3] <= inside[3]
+    )
+    return _overlaps(band, box) and not wholly_inside
+
+
+def _band(anchor: str, x: int, y: int, width: int, height: int) -> Rect:
+    return (x, y, x + width, y + height) if anchor == "left" else (x - width, y, x, y + height)
+
+
+def _widest_free_band(
+    anchor: str,
+    x: int,
+    y: int,
+    height: int,
+    limit: int,
+    boxes: list[Rect],
+    bands: list[Rect],
+    line_width: int,
+) -> int:
+    """The widest band (at most ``limit``) starting at ``x`` (``anchor`` "left") or ending there ("right")
+    that crosses no outline of ``boxes`` and overlaps none of ``bands`` (found by bisection: a wider band
+    covers whatever a narrower one does)."""
+
+    def free(width: int) -> bool:
+        band = _band(anchor, x, y, width, height)
+        return not any(_crosses_outline(band, box, line_width) for box in boxes) and not any(
+            _overlaps(band, other) for other in bands
+        )
+
+    low, high = 0, max(limit, 0)
+    if free(high):
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if free(middle) else (low, middle)
+    return low
 
 
 def _label(
     draw: ImageDraw.ImageDraw,
-    box: tuple[int, int, int, int],
+    box: Rect,
     text: str,
     color,
     font,
     image_size: tuple[int, int],
-    taken: list[tuple[int, int, int, int]],
+    other_boxes: list[Rect],
+    taken: list[Rect],
+    line_width: int,
+    min_text: str,
 ) -> None:
-    """Write ``text`` on a band of ``color`` at the first free place among: above ``box``, inside its top
-    edge, below it (the first that fits in the image if all are taken); record the band in ``taken``."""
+    """Write ``text`` on a band of ``color`` by ``box``: above it, inside its top edge or below it, starting
+    at its left edge or ending at its right edge, at the first of these places where the band crosses no
+    other box's outline and no band already written (``taken``, which gets this band). Where the whole text
+    fits nowhere, it is shortened (with an ellipsis) to the widest free place; where that leaves hardly any
+    of it, the band holds ``min_text`` (the region's number) alone, at the widest free place, or, where even
+    that is taken, at the first place that fits in the image."""
     width, height = image_size
-    padding = max(1, round(font.size * 0.2))
-    text = _fit_text(draw, text, font, width - 2 * padding)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    band_width, band_height = right - left + 2 * padding, bottom - top + 2 * padding
-    x = min(max(box[0], 0), max(width - band_width, 0))
-    places = [y for y in (box[1] - band_height, box[1], box[3]) if 0 <= y <= height - band_height]
-    bands = [(x, y, x + band_width, y + band_height) for y in places or [max(0, height - band_height)]]
-    band = next((band for band in bands if not any(_overlaps(band, other) for other in taken)), bands[0])
+    padding = max(1, round(font.size * 0.25))
+    _, top, _, bottom = draw.textbbox((0, 0), "Ag", font=font)
+    band_height = bottom - top + 2 * padding
+
+    def band_width(label: str) -> int:
+        return round(draw.textlength(label, font=font)) + 2 * padding
+
+    rows = [y for y in (box[1] - band_height, box[1] + line_width, box[3]) if 0 <= y <= height - band_height]
+    rows = rows or [max(0, height - band_height)]
+    places = [("left", min(max(box[0], 0), width), y) for y in rows]
+    places += [("right", max(min(box[2], width), 0), y) for y in rows]
+    room = [
+        _widest_free_band(
+            anchor, x, y, band_height, x if anchor == "right" else width - x, other_boxes, taken, line_width
+        )
+        for anchor, x, y in places
+    ]
+    wanted = band_width(text)
+    chosen = next((i for i, free in enumerate(room) if free >= wanted), None)
+    if chosen is None:
+        chosen = max(range(len(places)), key=lambda i: room[i])  # the first of the widest
+        shortened = _fit_text(draw, text, font, room[chosen] - 2 * padding)
+        if len(shortened) >= len(min_text) + 8:  # the number, ": " and a few words' worth of the caption
+            text = shortened
+        else:
+            text = min_text
+            if room[chosen] < band_width(min_text):  # no free place even for the number
+                chosen = 0
+    anchor, x, y = places[chosen]
+    band = _band(anchor, x, y, band_width(text), band_height)
+    if band[0] < 0 or band[2] > width:  # only the number's fallback can stick out: move it into the image
+        band = (max(0, min(band[0], width - (band[2] - band[0]))), band[1], 0, band[3])
+        band = (band[0], band[1], band[0] + band_width(text), band[3])
     taken.append(band)
-    draw.rectangle((band[0], band[1], band[2] - 1, band[3] - 1), fill=color)
-    draw.text((band[0] + padding - left, band[1] + padding - top), text, fill=_text_color(color), font=font)
+    draw.rectangle((band[0], band[1], band[2] - 1, band[3] - 1), fill=color, outline=_text_color(color))
+    text_left = draw.textbbox((0, 0), text, font=font)[0]
+    draw.text(
+        (band[0] + padding - text_left, band[1] + padding - top), text, fill=_text_color(color), font=font
+    )
 
 
 def _caption_text(index: int, result: Mapping, show_index: bool) -> str:
@@ -86,6 +167,42 @@ def _caption_text(index: int, result: Mapping, show_index: bool) -> str:
     if result.get("label"):
         text = f"{text} [{result['label']['name']}]"
     return f"{index}: {text}" if show_index else text
+
+
+def _outline(draw: ImageDraw.ImageDraw, box: Rect, color, line_width: int) -> None:
+    """The box in ``color`` between two thin lines of its text colour (black or white), so that it shows on
+    any background, dark or light, even one of its own colour."""
+    x1, y1, x2, y2 = box
+    # Boxes are exclusive at x2/y2; PIL's rectangle includes both corners.
+    draw.rectangle(
+        (x1 - 1, y1 - 1, max(x1, x2 - 1) + 1, max(y1, y2 - 1) + 1),
+        outline=_text_color(color),
+        width=line_width + 2,
+    )
+    draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=color, width=line_width)
+
+
+def _mark_band(draw: ImageDraw.ImageDraw, text: str, font, image_size: tuple[int, int]) -> Rect:
+    """Where `_draw_mark` writes ``text``: the bottom-right corner."""
+    width, height = image_size
+    padding = max(1, round(font.size * 0.25))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return (width - (right - left) - 2 * padding, height - (bottom - top) - 2 * padding, width, height)
+
+
+def _draw_mark(draw: ImageDraw.ImageDraw, text: str, font, band: Rect) -> None:
+    """``text`` in small black letters on white in ``band``."""
+    padding = max(1, round(font.size * 0.25))
+    left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+    draw.rectangle((band[0], band[1], band[2] - 1, band[3] - 1), fill="white")
+    draw.text((band[0] + padding - left, band[1] + padding - top), text, fill="black", font=font)
+
+
+def label_sizes(image_size: tuple[int, int]) -> tuple[int, int]:
+    """(line width, font size) of `draw_regions` for an image of ``image_size``: they grow with the image's
+    longer side, so that a 512-pixel image gets 14-pixel letters, a 4000-pixel photo 100-pixel ones."""
+    longer_side = max(image_size)
+    return max(2, round(longer_side / 250)), max(14, round(longer_side / 40))
 
 
 def draw_regions(
@@ -96,6 +213,7 @@ def draw_regions(
     font_size: int | None = None,
     show_index: bool = True,
     legend: bool = False,
+    mark: str | None = None,
 ) -> PIL.Image.Image:
     """A copy of ``image`` with every region's box outlined and its caption written on it.
 
@@ -103,33 +221,39 @@ def draw_regions(
         image: the picture the regions belong to.
         results: region records with a ``"box"`` ``[x1, y1, x2, y2]`` in pixels and a ``"caption"``
             (as returned by the ``region-captioning`` pipeline); ``"label"`` is added when present.
-        line_width, font_size: default to sizes that scale with the image.
+        line_width, font_size: default to sizes that scale with the image (`label_sizes`).
         show_index: prefix each caption with the region's index (``"0: a dog"``).
         legend: write only the index on each box and the captions in a legend under the image, one
             line per region (for small images or many regions, where captions would hide the picture).
+        mark: a note written small in the bottom-right corner of the picture (the `dynrefer` command marks
+            pictures made with the demonstration model so).
 
     Returns:
-        A new RGB image; region ``i`` is drawn in ``region_color(i)``, its caption (or index) in black or
-        white on a filled band of that colour above the box, or, when there is no room or another band
-        is there, inside its top edge or below it. With ``legend`` the picture is taller by the legend.
+        A new RGB image; region ``i`` is drawn in ``region_color(i)`` edged in black or white (whichever
+        contrasts with that colour), its caption (or index) in black or white on a filled band of that
+        colour above the box, or inside its top edge or below it, where the band crosses no other box and
+        no other band (shortened with an ellipsis where the whole caption fits nowhere). With ``legend``
+        the picture is taller by the legend.
     """
     canvas = image.convert("RGB")  # always a copy
-    shorter_side = min(canvas.size)
-    line_width = line_width or max(2, round(shorter_side / 200))
-    font = _font(font_size or max(11, round(shorter_side / 32)))
+    default_line_width, default_font_size = label_sizes(canvas.size)
+    line_width = line_width or default_line_width
+    font = _font(font_size or default_font_size)
     draw = ImageDraw.Draw(canvas)
-    for index, result in enumerate(results):
-        x1, y1, x2, y2 = (round(float(value)) for value in result["box"])
-        # Boxes are exclusive at x2/y2; PIL's rectangle includes both corners.
-        draw.rectangle(
-            (x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=region_color(index), width=line_width
-        )
-    # Captions after all boxes, so that no outline crosses a caption.
-    taken: list[tuple[int, int, int, int]] = []
-    for index, result in enumerate(results):
-        box = tuple(round(float(value)) for value in result["box"])
+    boxes = [tuple(round(float(value)) for value in result["box"]) for result in results]
+    for index, box in enumerate(boxes):
+        _outline(draw, box, region_color(index), line_width)
+    # Captions after all boxes, so that no outline crosses a caption; none over the mark.
+    taken: list[Rect] = []
+    if mark:
+        mark_font = _font(max(10, round(font.size * 0.7)))
+        taken.append(_mark_band(draw, mark, mark_font, canvas.size))
+    for index, (box, result) in enumerate(zip(boxes, results)):
         text = str(index) if legend else _caption_text(index, result, show_index)
-        _label(draw, box, text, region_color(index), font, canvas.size, taken)
+        others = boxes[:index] + boxes[index + 1 :]
+        _label(draw, box, text, region_color(index), font, canvas.size, others, taken, line_width, str(index))
+    if mark:
+        _draw_mark(draw, mark, mark_font, taken[0])
     if not legend:
         return canvas
     line_height = round(font.size * 1.6)

@@ -15,7 +15,17 @@ from pathlib import Path
 from .common import add_model_loading_options, count, number, parse_box, parse_point
 from .errors import CommandError
 
-__all__ = ["format_table", "register"]
+__all__ = ["SCORES_HELP", "format_table", "register"]
+
+SCORES_HELP = """\
+What the scores are (none is a calibrated confidence):
+  score       the caption's probability as a whole token sequence (the product of its token
+              probabilities under beam search): small for long captions, 0.01-0.1 is usual
+  class       the best of the open-vocabulary classes and its matching score (scaled similarity of
+              region and class name; compare it between classes, not a probability, can be negative)
+  tags        the tags whose probability passes the tag threshold (--tag-threshold)
+  attributes  the best attributes with their probabilities (independent sigmoids, not summing to 1)
+The JSON output says whether the results come from the demonstration model ("demonstration_model")."""
 
 
 def register(subparsers) -> None:
@@ -23,6 +33,8 @@ def register(subparsers) -> None:
         "caption",
         help="describe regions of an image (caption, tags, attributes, class)",
         description="Describe regions of an image: a caption with its score, tags, attributes and a class per box.",
+        epilog=SCORES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("image", help="image file (or http(s) URL)")
     parser.add_argument(
@@ -100,6 +112,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..images import DEFAULT_DOWNLOAD_TIMEOUT, load_rgb_image
+    from ..pipelines.region_captioning import DEMO_MODEL_MARK, _is_demo_model
     from ..segmentation import check_points_inside, region_points, segmenter_config
     from ..validation import checked_region_box
     from ..visualize import draw_clicks, draw_regions, draw_views
@@ -159,11 +172,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from None
 
+    demonstration = _is_demo_model(model)
     if args.draw:
         clicked = image
         if args.points:  # the masks the clicks made, under the boxes and captions
             clicked = draw_clicks(image, _decoded_masks(results), [[point] for point in args.points])
-        draw_regions(clicked, results, legend=args.legend).save(args.draw)
+        mark = DEMO_MODEL_MARK if demonstration else None
+        draw_regions(clicked, results, legend=args.legend, mark=mark).save(args.draw)
         print(f"wrote {args.draw}", file=sys.stderr)
     if args.show_views:
         draw_views(
@@ -179,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
             del result["views"]
 
     if args.json:
-        json.dump({"image": args.image, "model": model, "regions": results}, sys.stdout, indent=2)
+        output = {"image": args.image, "model": model, "demonstration_model": demonstration, "regions": results}
+        json.dump(output, sys.stdout, indent=2)
         print()
     else:
         print(f"{args.image}  (model: {model})")

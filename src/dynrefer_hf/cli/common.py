@@ -54,7 +54,7 @@ def model_or_default(model: str | None, quiet: bool = False) -> tuple[str, str |
         return model, None
     from ..pipelines.region_captioning import DEFAULT_MODEL, DEMO_MODEL_NOTICE, _is_demo_model
 
-    if not quiet and _is_demo_model(DEFAULT_MODEL[0]):
+    if not quiet and _is_demo_model(DEFAULT_MODEL.name_or_path):
         print(
             f"dynrefer: note: {DEMO_MODEL_NOTICE} (--model to choose one, --quiet to hide this)",
             file=sys.stderr,

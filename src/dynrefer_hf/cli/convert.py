@@ -115,7 +115,13 @@ def run_convert(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     config = None
     if args.config:
-        _read_json(args.config, "config")  # a readable JSON file, or a one-line error
+        model_type = _read_json(args.config, "config").get("model_type", DynReferConfig.model_type)
+        if model_type != DynReferConfig.model_type:
+            raise CommandError(
+                f"--config {args.config}: its model_type is {model_type!r}, not {DynReferConfig.model_type!r}: "
+                "give the config.json of a DynRefer model (as `dynrefer convert` writes it), or leave --config "
+                "out for the released configuration"
+            )
         try:
             config = DynReferConfig.from_json_file(args.config)
         except (ValueError, TypeError) as error:

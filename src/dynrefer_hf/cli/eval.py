@@ -43,7 +43,11 @@ def register(subparsers) -> None:
     parser.add_argument("--annotations", required=True, metavar="FILE", help="the ground-truth annotation file")
     parser.add_argument("--images", metavar="DIR", help="image folder (default: the file's dataset.image_root)")
     parser.add_argument("--model", help="model folder or Hub id (default: the embedded demonstration model)")
-    parser.add_argument("--output", metavar="DIR", help="where result.json and metrics.json go (required to predict)")
+    parser.add_argument(
+        "--output",
+        metavar="DIR",
+        help="where result.json and metrics.json go (required to predict; with --rescore: metrics.json)",
+    )
     parser.add_argument("--rescore", metavar="RESULT.json", help="score this result file instead of predicting")
     parser.add_argument("--limit", type=count(1), metavar="N", help="only the first N images of the file")
     parser.add_argument(
@@ -59,6 +63,9 @@ def register(subparsers) -> None:
     parser.add_argument("--restart", action="store_true", help="ignore predictions of an earlier run in --output")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available; under torchrun: the local rank's GPU)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no notice when the embedded demonstration model is used"
+    )
     parser.set_defaults(func=run)
 
 
@@ -73,9 +80,22 @@ def _rescore(args) -> int:
         class_names = list(load_config(args.model).class_names)
     try:
         metrics = rescore_result_file(args.task, args.rescore, args.annotations, class_names=class_names)
-    except (FileNotFoundError, ResultFileError, JavaNotFoundError, ValueError) as error:
+    # only the user's errors become one line: any other exception is a bug, shown with its traceback
+    except (FileNotFoundError, ResultFileError, JavaNotFoundError) as error:
         raise CommandError(str(error)) from None
     _print(args, metrics)
+    if args.output:
+        # as a predicting run writes it, with the settings that produced these metrics
+        metrics_file = os.path.join(args.output, "metrics.json")
+        settings = {
+            "task": args.task,
+            "annotations": os.path.abspath(args.annotations),
+            "rescored": os.path.abspath(args.rescore),
+        }
+        with open(metrics_file, "w", encoding="utf-8") as file:
+            json.dump({"metrics": metrics, "settings": settings}, file, indent=2)
+        if not args.json:
+            print(f"wrote {metrics_file}")
     return 0
 
 
@@ -88,23 +108,30 @@ def _print(args, metrics: dict, table: str | None = None) -> None:
         print(table or format_metrics_table(args.task, metrics))
 
 
-def _load(model_name: str | None, device: str | None):
+def _make_folder(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"--output {path}: cannot create the folder ({error.strerror})") from None
+
+
+def _load(model_name: str | None, device: str | None, quiet: bool):
     import torch
     from transformers import AutoModel, AutoProcessor
 
-    from ..pipelines.region_captioning import DEFAULT_MODEL
-    from .common import load_config
+    from .common import load_config, model_or_default
 
-    name = model_name or DEFAULT_MODEL[0]
-    load_config(name)
+    # the demonstration-model notice, once (by process 0 under torchrun)
+    name, revision = model_or_default(model_name, quiet or os.environ.get("RANK", "0") != "0")
+    load_config(name, revision)
     local_rank = os.environ.get("LOCAL_RANK")
     if device is None:
         device = f"cuda:{local_rank or 0}" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: no CUDA device is available here; use --device cpu")
     try:
-        model = AutoModel.from_pretrained(name).to(device)
-        processor = AutoProcessor.from_pretrained(name)
+        model = AutoModel.from_pretrained(name, revision=revision).to(device)
+        processor = AutoProcessor.from_pretrained(name, revision=revision)
     except OSError as error:
         raise CommandError(f"cannot load the model {name}: {error}") from None
     return model, processor
@@ -112,7 +139,7 @@ def _load(model_name: str | None, device: str | None):
 
 def run(args: argparse.Namespace) -> int:
     from ..data import AnnotationError
-    from ..evaluation import ResultFileError
+    from ..evaluation import OutputFolderError, ResultFileError
     from ..evaluation import run_benchmark as _run_benchmark
     from ..metrics import JavaNotFoundError
 
@@ -121,12 +148,14 @@ def run(args: argparse.Namespace) -> int:
     if args.rescore:
         if not os.path.isfile(args.rescore):
             raise CommandError(f"--rescore {args.rescore}: file not found")
+        if args.output:
+            _make_folder(args.output)
         return _rescore(args)
     if not args.output:
         raise CommandError("--output DIR is required to run a model (or give --rescore RESULT.json)")
     if args.images and not os.path.isdir(args.images):
         raise CommandError(f"--images {args.images}: not a folder")
-    model, processor = _load(args.model, args.device)
+    model, processor = _load(args.model, args.device, args.quiet)
     threshold = args.tag_threshold
     if threshold == "model":
         threshold = model.config.tag_threshold
@@ -144,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
             tag_threshold=threshold,
             resume=not args.restart,
         )
-    except (AnnotationError, ResultFileError, JavaNotFoundError, FileNotFoundError, ValueError) as error:
+    except (AnnotationError, ResultFileError, OutputFolderError, JavaNotFoundError, FileNotFoundError) as error:
         raise CommandError(str(error)) from None
     finally:
         import torch.distributed as dist

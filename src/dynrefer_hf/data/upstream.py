@@ -13,8 +13,9 @@
 * ``extra_info.ovad_result.att_vec`` (1 / 0 / -1) -> ``attributes``, named by the file's ``attrs``;
 * image path = ``images`` (or the file's ``dataset.image_root``) / ``file_name``.
 
-A missing image, a box outside its image, an unknown tag index or category, a malformed field: an
-`AnnotationError` naming the file, the record and the field. Nothing is skipped.
+A missing image, a box outside its image, an unknown tag index or category, a malformed field, a field the
+benchmark protocol scores missing (``required_fields``): an `AnnotationError` naming the file, the record and
+the field. Nothing is skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import io
 import json
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
@@ -33,6 +35,7 @@ from .common import LAYOUTS, AnnotationError, build_region_dataset, check_box, f
 from .schema import RegionVocabulary
 
 __all__ = [
+    "ANNOTATION_FIELDS",
     "FREQUENCY_SETS",
     "coco_class_names",
     "load_upstream_annotations",
@@ -46,6 +49,9 @@ __all__ = [
 
 # OVAD's attribute frequency groups (the ``freq_set`` of every entry of ``attrs``).
 FREQUENCY_SETS = ("head", "medium", "tail")
+
+# the annotation fields a benchmark protocol may need on every annotation (``required_fields``)
+ANNOTATION_FIELDS = ("caption", "extra_info.coco_result.category", "extra_info.ovad_result.att_vec")
 
 
 @lru_cache(maxsize=1)
@@ -180,10 +186,34 @@ def _vocabulary(content: dict, path, class_names=None) -> RegionVocabulary:
     return RegionVocabulary(classes, _attribute_names(content, path), ram_tag_names())
 
 
+def _field_value(annotation: dict, name: str):
+    """The value at the dotted ``name`` ("extra_info.coco_result.category"), None where any level is missing."""
+    value = annotation
+    for key in name.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _check_required(annotation: dict, path, record: str, required_fields) -> None:
+    for name in required_fields:
+        if _field_value(annotation, name) is None:
+            present = ", ".join(sorted(annotation))
+            raise AnnotationError(
+                path, record, name, f"is missing, and this evaluation scores it on every annotation (present: {present})"
+            )
+
+
 def _region_fields(
-    annotation: dict, image: dict, path, vocabulary: RegionVocabulary, class_index: dict | None, masks: bool
+    annotation: dict,
+    image: dict,
+    path,
+    vocabulary: RegionVocabulary,
+    class_index: dict | None,
+    masks: bool,
+    required_fields=(),
 ):
     record = f"annotation id {annotation['id']}"
+    _check_required(annotation, path, record, required_fields)
     segmentation = annotation.get("segmentation")
     _check_segmentation(segmentation, path, record)
     width, height = int(image["width"]), int(image["height"])
@@ -241,7 +271,7 @@ def _region_fields(
     return fields
 
 
-def _upstream_records(path, size, mtime_ns, images, layout, masks, class_names, read_classes):  # size, mtime_ns: key
+def _upstream_records(path, size, mtime_ns, images, layout, masks, class_names, read_classes, required_fields):  # size, mtime_ns: key
     coco = read_annotation_file(path)
     vocabulary = _vocabulary(coco.dataset, path, class_names)
     class_index = {name: index for index, name in enumerate(vocabulary.classes)} if read_classes else None
@@ -257,7 +287,7 @@ def _upstream_records(path, size, mtime_ns, images, layout, masks, class_names, 
             raise AnnotationError(path, f"image id {image['id']}", "file_name", f"image file not found: {image_path}")
         checked.add(image_path)
         regions = [
-            _region_fields(annotation, image, path, vocabulary, class_index, masks)
+            _region_fields(annotation, image, path, vocabulary, class_index, masks, required_fields)
             for annotation in coco.imgToAnns.get(image["id"], [])
         ]
         ids = [annotation["id"] for annotation in coco.imgToAnns.get(image["id"], [])]
@@ -286,6 +316,7 @@ def load_upstream_annotations(
     masks: bool = False,
     class_names=None,
     read_classes: bool = True,
+    required_fields: Sequence[str] = (),
     cache_dir: str | None = None,
 ):
     """An upstream annotation file as a ``datasets.Dataset`` (see the module docstring).
@@ -301,6 +332,8 @@ def load_upstream_annotations(
             names, as upstream; a model's ``config.class_names`` to evaluate it on its own classes).
         read_classes: ``False`` leaves every class unlabelled (-1) without reading ``coco_result`` (for a task
             that does not score classes, on a file labelled in other class names).
+        required_fields: fields of `ANNOTATION_FIELDS` every annotation must hold (those a benchmark protocol
+            scores): a missing one is an `AnnotationError` at load time, not a failure after the model has run.
         cache_dir: the ``datasets`` cache folder (default: ``datasets``' own). A second call with the same file
             (path, size, modification time) and options reads the cache instead of the JSON.
 
@@ -309,6 +342,9 @@ def load_upstream_annotations(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    unknown = [name for name in required_fields if name not in ANNOTATION_FIELDS]
+    if unknown:
+        raise ValueError(f"required_fields: {unknown} are not among {ANNOTATION_FIELDS}")
     signature = file_signature(path)
     # attribute names do not enter the features (rows of int8 labels): no need to read the file here
     vocabulary = RegionVocabulary(coco_class_names() if class_names is None else tuple(class_names), (), ram_tag_names())
@@ -319,6 +355,7 @@ def load_upstream_annotations(
         "masks": masks,
         "class_names": None if class_names is None else tuple(class_names),  # a list would be split into shards
         "read_classes": read_classes,
+        "required_fields": tuple(required_fields),
     }
     return build_region_dataset(_upstream_records, gen_kwargs, loader_features(vocabulary, masks), cache_dir)
 

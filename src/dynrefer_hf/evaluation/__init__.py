@@ -14,6 +14,7 @@ _EXPORTS = {
     "get_task": "tasks",
     "register_task": "tasks",
     "BenchmarkRun": "benchmark",
+    "OutputFolderError": "benchmark",
     "rescore_result_file": "benchmark",
     "run_benchmark": "benchmark",
     "ResultFileError": "protocols",

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .protocols import format_metrics_table, score_result
+from .protocols import ResultFileError, format_metrics_table, score_result
 from .regions import predict_regions
 from .tasks import BenchmarkTask, get_task
 
-__all__ = ["BenchmarkRun", "rescore_result_file", "run_benchmark"]
+__all__ = ["BenchmarkRun", "OutputFolderError", "rescore_result_file", "run_benchmark"]
 
 # upstream predicts regions in chunks of 20 (split_size, docs/upstream/model.md §16)
 REGION_BATCH_SIZE = 20
@@ -94,6 +94,10 @@ def _read_partials(partial_dir: str) -> dict:
     return done
 
 
+class OutputFolderError(ValueError):
+    """The output folder holds the partial predictions of a run with other settings (they would be mixed)."""
+
+
 def _resume(partial_dir: str, signature: dict, resume: bool, rank: int) -> None:
     """Process 0 checks that ``partial_dir`` holds predictions of a run with the same ``signature`` (or clears
     them when not resuming) and records the signature; the predictions depend on it, so resuming with other
@@ -107,7 +111,7 @@ def _resume(partial_dir: str, signature: dict, resume: bool, rank: int) -> None:
             earlier = json.load(file)
         if earlier != signature:
             changed = sorted(key for key in signature if earlier.get(key) != signature[key])
-            raise ValueError(
+            raise OutputFolderError(
                 f"{os.path.dirname(partial_dir)} holds predictions of a run with other settings ({', '.join(changed)}); "
                 "restart it (resume=False, --restart) or use another output folder"
             )
@@ -343,7 +347,7 @@ def rescore_result_file(
         except FileNotFoundError:
             raise FileNotFoundError(f"file not found: {path}") from None
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error})") from None
+            raise ResultFileError(f"{path} is not valid JSON ({error})") from None
     return score_result(
         task,
         contents[0],

@@ -40,12 +40,23 @@ def _first(value):
     return value[0] if isinstance(value, list) else value
 
 
+def _gt_caption(annotation: dict, gt_name: str) -> str:
+    caption = annotation.get("caption")
+    if not isinstance(caption, str):
+        raise ResultFileError(
+            f"{gt_name}: annotation id {annotation.get('id')}, field 'caption': "
+            + ("missing" if caption is None else f"must be a string, got {type(caption).__name__}")
+            + " (the ground-truth caption this protocol scores against)"
+        )
+    return caption
+
+
 def score_captioning(result: dict, gt: dict, scoring: Scoring) -> dict:
     """§3: every result annotation's caption replaced by its prediction; COCOEvalCap per image id."""
     result_name, annotation_ids = scoring.result_name, scoring.annotation_ids
     references: dict = {}
     for annotation in gt["annotations"]:
-        references.setdefault(annotation["image_id"], []).append(str(annotation.get("caption", "")))
+        references.setdefault(annotation["image_id"], []).append(_gt_caption(annotation, scoring.gt_name))
     candidates: dict = {}
     for annotation in result["annotations"]:
         if annotation_ids is not None and annotation["id"] not in annotation_ids:
@@ -87,7 +98,7 @@ def score_densecap(result: dict, gt: dict, scoring: Scoring) -> dict:
     ground_truth: dict = {}
     for annotation in gt["annotations"]:
         ground_truth.setdefault(annotation["image_id"], []).append(
-            (segmentation_box(annotation["segmentation"]), str(annotation.get("caption", "")))
+            (segmentation_box(annotation["segmentation"]), _gt_caption(annotation, scoring.gt_name))
         )
     images = []
     skipped_without_ground_truth = 0
@@ -124,6 +135,14 @@ def score_densecap(result: dict, gt: dict, scoring: Scoring) -> dict:
 def _percentages(prefix: str, fractions: dict[str, float]) -> dict[str, float | None]:
     """``{prefix + name: 100 * value}``; None where the value is NaN (a group without a positive)."""
     return {prefix + name: None if np.isnan(value) else 100 * value for name, value in fractions.items()}
+
+
+# upstream's ovad_validate groups attributes by their number of names (after the last ":"), beside head/medium/tail
+_SYNONYM_GROUPS = ("single", "multiple")
+
+
+def _synonym_group(attribute_name: str) -> str:
+    return "multiple" if "/" in attribute_name.split(":")[-1] else "single"
 
 
 def score_ovad(result: dict, gt: dict, scoring: Scoring) -> dict:
@@ -170,6 +189,9 @@ def score_ovad(result: dict, gt: dict, scoring: Scoring) -> dict:
     parent_types = [attr.get("parent_type") for attr in attrs]
     if all(parent_types):
         metrics.update(_percentages("ap/type/", mean_ap_by_group(out.per_attribute, parent_types)))
+    # and the mean over attributes named by one word vs several "/"-separated synonyms ("...:clean/neat")
+    synonyms = mean_ap_by_group(out.per_attribute, [_synonym_group(str(attr.get("name", ""))) for attr in attrs])
+    metrics.update(_percentages("ap/", {name: synonyms.get(name, float("nan")) for name in _SYNONYM_GROUPS}))
     return {
         **metrics,
         "num_regions": len(labels),

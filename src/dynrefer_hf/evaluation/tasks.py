@@ -100,24 +100,28 @@ def get_task(name: str) -> BenchmarkTask:
 
 _PROTOCOLS = "dynrefer_hf.evaluation.protocols"
 _CAPTION_METRICS = ("METEOR", "CIDEr", "Bleu_4", "ROUGE_L")
+# the loader checks, on every annotation, the ground-truth fields the task's scorer reads
+_CAPTIONS = {"required_fields": ("caption",)}
 
 register_task(BenchmarkTask(
     "refcocog", "RefCOCOg region captioning: METEOR, CIDEr (§3)", f"{_PROTOCOLS}:score_captioning",
     _CAPTION_METRICS, tag_threshold=0.76, upstream_config="configs/eval/refcoco/refcocog_reg.yaml",
+    loader_options=_CAPTIONS,
 ))  # fmt: skip
 register_task(BenchmarkTask(
     "vg-reg", "Visual Genome region captioning: METEOR, CIDEr (§3)", f"{_PROTOCOLS}:score_captioning",
-    _CAPTION_METRICS, tag_threshold=0.8, upstream_config="configs/eval/vg/vg_reg.yaml",
+    _CAPTION_METRICS, tag_threshold=0.8, upstream_config="configs/eval/vg/vg_reg.yaml", loader_options=_CAPTIONS,
 ))  # fmt: skip
 register_task(BenchmarkTask(
     "vg-densecap", "Visual Genome dense captioning with ground-truth boxes: mAP (§4)", f"{_PROTOCOLS}:score_densecap",
-    ("map", "detmap"), upstream_config="configs/eval/vg/vg1.2_densecap.yaml",
+    ("map", "detmap"), upstream_config="configs/eval/vg/vg1.2_densecap.yaml", loader_options=_CAPTIONS,
 ))  # fmt: skip
 register_task(BenchmarkTask(
     "ovad", "OVAD attribute detection, box oracle: mAP (§5)", f"{_PROTOCOLS}:score_ovad",
     ("ap/all", "ap/head", "ap/medium", "ap/tail"), upstream_config="configs/eval/ovad/ovad.yaml",
+    loader_options={"required_fields": ("extra_info.ovad_result.att_vec",)},
 ))  # fmt: skip
 register_task(BenchmarkTask(
     "coco", "COCO region recognition: top-1 accuracy (§6)", f"{_PROTOCOLS}:score_coco",
-    ("accuracy",), upstream_config="configs/eval/coco/coco.yaml", loader_options={"read_classes": True},
+    ("accuracy",), upstream_config="configs/eval/coco/coco.yaml", loader_options={"read_classes": True, "required_fields": ("extra_info.coco_result.category",)},
 ))  # fmt: skip

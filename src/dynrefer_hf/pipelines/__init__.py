@@ -4,6 +4,7 @@ from .region_captioning import (
     DEFAULT_MODEL,
     DEFAULT_REGION_BATCH_SIZE,
     TASK,
+    ModelSource,
     RegionCaptioningPipeline,
     register_pipeline,
 )
@@ -12,6 +13,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_REGION_BATCH_SIZE",
     "TASK",
+    "ModelSource",
     "RegionCaptioningPipeline",
     "register_pipeline",
 ]

@@ -20,7 +20,7 @@ import inspect
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -45,15 +45,26 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_REGION_BATCH_SIZE",
     "TASK",
+    "ModelSource",
     "RegionCaptioningPipeline",
     "register_pipeline",
 ]
 
-# The model that `pipeline("region-captioning")` and the `dynrefer` command use when none is named:
-# (repository id or local folder, revision). The single place to change it.
-# Now the demonstration model shipped in the package (docs/demo_model.md), so that it works offline; the
-# converted release checkpoint is "callsys/dynrefer" (pass it as `model`).
-DEFAULT_MODEL: tuple[str, str | None] = (str(SHAPES_DEMO_PATH), None)
+class ModelSource(NamedTuple):
+    """A model to load: a Hub id or local folder and its revision, the pair a pipeline task's default is.
+
+    Not a path itself: load it with ``AutoModel.from_pretrained(source.name_or_path, revision=source.revision)``.
+    """
+
+    name_or_path: str
+    revision: str | None = None
+
+
+# The model that `pipeline("region-captioning")` and the `dynrefer` command use when none is named, the
+# single place to change it. Now the demonstration model shipped in the package (its folder:
+# `dynrefer_hf.SHAPES_DEMO_PATH`; docs/demo_model.md), so that it works offline; the converted release
+# checkpoint is "callsys/dynrefer" (pass it as `model`).
+DEFAULT_MODEL = ModelSource(str(SHAPES_DEMO_PATH))
 
 TASK = "region-captioning"
 
@@ -74,6 +85,9 @@ DEMO_MODEL_NOTICE = (
     "paper's model: its captions describe coloured shapes only; docs/converting.md says how to get the "
     "released DynRefer weights"
 )
+
+# Written in a corner of the pictures drawn from the demonstration model's results (`dynrefer caption --draw`).
+DEMO_MODEL_MARK = "dynrefer_hf demonstration model (shapes), not the paper's"
 
 logger = logging.get_logger(__name__)
 
