@@ -10,16 +10,18 @@ CORE = {"configuration_dynrefer", "modeling_dynrefer", "image_processing_dynrefe
         "modeling_common", "modeling_view_encoder", "modeling_qformer_bridge", "modeling_label_heads",
         "modeling_language_bridge", "modeling_vocabularies",
         "prompts", "visualize", "ops", "pipelines", "convert", "resources", "pretrained", "images",
-        "validation", "segmentation"}
+        "validation", "segmentation", "sharding"}
 ALLOWED = {
     "core": CORE,
     "data": CORE | {"data"},
     "metrics": CORE | {"metrics"},
     "training": CORE | {"data", "metrics", "training"},
     "evaluation": CORE | {"data", "metrics", "evaluation"},
+    "batch": CORE | {"data", "batch"},
+    "serving": CORE | {"serving"},
     "shapes": CORE | {"data", "metrics", "training", "evaluation", "shapes"},
-    "app": CORE | {"data", "metrics", "training", "evaluation", "shapes", "app"},
-    "cli": CORE | {"data", "metrics", "training", "evaluation", "shapes", "app", "cli"},
+    "app": CORE | {"data", "metrics", "training", "evaluation", "batch", "serving", "shapes", "app"},
+    "cli": CORE | {"data", "metrics", "training", "evaluation", "batch", "serving", "shapes", "app", "cli"},
 }
 
 

@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dynrefer_hf.cli.convert",
     "dynrefer_hf.cli.demo",
     "dynrefer_hf.cli.eval",
+    "dynrefer_hf.cli.serve",
 )
 
 

@@ -1,13 +1,16 @@
 """``dynrefer caption IMAGE --box x1,y1,x2,y2 ...``: describe regions of an image.
 
 Prints a table (or JSON with ``--json``); ``--draw`` writes the image with the boxes and captions,
-``--show-views`` the nested views each region was described from.
+``--show-views`` the nested views each region was described from. Several images, ``--input FILE`` or
+``--output OUT.jsonl`` make it a batch job (`run_batch`: one JSON line per image, resumable, split over the
+processes of ``torchrun`` / ``accelerate launch``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,7 +39,12 @@ def register(subparsers) -> None:
         epilog=SCORES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("image", help="image file (or http(s) URL)")
+    parser.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="image file (or http(s) URL); with several, the --box regions are described on each",
+    )
     parser.add_argument(
         "--box",
         dest="boxes",
@@ -106,8 +114,27 @@ def register(subparsers) -> None:
         action="store_true",
         help="use the stored pixel order of the image file, not its EXIF orientation (upstream's behaviour)",
     )
+    _add_batch_arguments(parser)
     add_model_loading_options(parser)
     parser.set_defaults(func=run)
+
+
+def _add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    batch = parser.add_argument_group("batch jobs (docs/pipeline.md)")
+    batch.add_argument(
+        "--input",
+        metavar="FILE",
+        help="regions to describe: a .jsonl file ({'image', 'boxes', 'controls'} per line), a COCO .json "
+        "detection file, or a datasets folder / Hub id with 'image' and 'boxes' columns",
+    )
+    batch.add_argument("--images", dest="images_folder", metavar="DIR", help="folder of the --input file's image paths (default: its folder)")
+    batch.add_argument("--split", help="the split of a --input dataset that has several (Hub default: train)")
+    batch.add_argument(
+        "--output",
+        metavar="OUT.jsonl",
+        help="write one JSON line per image as it finishes, in input order; a stopped job resumes from it",
+    )
+    batch.add_argument("--restart", action="store_true", help="with --output: start afresh instead of resuming")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
     from ..visualize import draw_clicks, draw_regions, draw_views
     from .common import load_region_captioner, model_or_default
 
+    if args.input or args.output or args.restart or len(args.images) > 1:
+        return run_batch(args)
+    if not args.images:
+        raise CommandError("no image given: name an image file (or several), or give --input FILE")
+    args.image = args.images[0]
     if not args.boxes and not args.points:
         raise CommandError("no regions given: add at least one --box x1,y1,x2,y2 or --point x,y (pixels)")
     if args.boxes and args.points:
@@ -201,6 +233,71 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.image}  (model: {model})")
         print(format_table(results))
     return 0
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """Several images, ``--input`` or ``--output``: `dynrefer_hf.batch.describe_dataset`, JSON lines out."""
+    from ..batch import describe_dataset
+    from .common import load_region_captioner, model_or_default
+
+    for option in ("draw", "show_views"):
+        if getattr(args, option):
+            raise CommandError(f"--{option.replace('_', '-')} draws one image: drop it for a batch job")
+    if args.points or args.segmenter:
+        raise CommandError("--point and --segmenter describe one image: give boxes for a batch job")
+    requests = _gather_requests(args)
+    model, revision = model_or_default(args.model, args.quiet)
+    describe = load_region_captioner(
+        model,
+        revision=revision,
+        device=args.device,
+        dtype=args.dtype,
+        allow_missing_weights=args.allow_missing_weights,
+    )
+    options = {
+        "batch_size": args.batch_size,
+        "tag_threshold": args.tag_threshold,
+        "attribute_top_k": args.top_attributes,
+        "exif_orientation": not args.ignore_exif_orientation,
+        "generate_captions": not args.no_captions,
+        **({} if args.timeout is None else {"timeout": args.timeout}),
+        **({} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}),
+    }
+    lines = describe_dataset(describe, requests, output=args.output, restart=args.restart, progress=True, **options)
+    try:
+        for line in lines:
+            if args.output is None:
+                print(json.dumps(line))
+    except (OSError, ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # gloo can abort in its destructor at exit
+            dist.destroy_process_group()
+    if args.output is not None and os.environ.get("RANK", "0") == "0":  # process 0 wrote it
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _gather_requests(args: argparse.Namespace):
+    """The batch job's images and regions, from IMAGE... --box ... or --input FILE, checked before the model loads."""
+    from ..batch import read_region_requests, requests_from_images
+
+    if args.input and (args.images or args.boxes or args.controls):
+        raise CommandError("--input FILE names the images, boxes and controls: drop IMAGE, --box and --controls")
+    if args.restart and not args.output:
+        raise CommandError("--restart needs --output")
+    if args.input:
+        try:
+            return read_region_requests(args.input, images=args.images_folder, split=args.split)
+        except (OSError, ValueError) as error:
+            raise CommandError(f"--input {args.input}: {error}") from None
+    if not args.images:
+        raise CommandError("no image given: name image files, or give --input FILE")
+    if not args.boxes:
+        raise CommandError("no regions given: add at least one --box x1,y1,x2,y2 (pixels), used on every image")
+    return requests_from_images(args.images, args.boxes, args.controls)
 
 
 def _check_picture_path(option: str, path: str) -> None:

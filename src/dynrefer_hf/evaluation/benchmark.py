@@ -18,9 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
-
+from ..sharding import barrier, open_for_append, process_group, read_json_lines
 from .protocols import ResultFileError, format_metrics_table, score_result
 from .regions import predict_regions
 from .tasks import BenchmarkTask, get_task
@@ -52,22 +50,6 @@ class BenchmarkRun:
     extra: dict = field(default_factory=dict)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), starting the process group from torchrun / accelerate variables when needed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def _pred_result(prediction: dict) -> dict:
     """Upstream's ``pred_result`` of one region (docs/upstream/model.md §16: both tag sets hold the same list)."""
     return {
@@ -81,16 +63,11 @@ def _pred_result(prediction: dict) -> dict:
 
 
 def _read_partials(partial_dir: str) -> dict:
-    """annotation id -> pred_result from every ``rank*.jsonl`` (a torn last line of a killed run is ignored)."""
+    """annotation id -> pred_result from every ``rank*.jsonl``."""
     done = {}
     for path in sorted(glob.glob(os.path.join(partial_dir, "rank*.jsonl"))):
-        with open(path, encoding="utf-8") as file:
-            for line in file:
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                done[item["id"]] = item["pred_result"]
+        for item in read_json_lines(path):
+            done[item["id"]] = item["pred_result"]
     return done
 
 
@@ -128,7 +105,7 @@ def _load(
     """The task's dataset; process 0 builds the datasets cache, the others read it."""
     if rank == 0:
         dataset = benchmark.load(annotations, images, class_names=class_names, cache_dir=cache_dir)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         dataset = benchmark.load(annotations, images, class_names=class_names, cache_dir=cache_dir)
     if limit is not None:
@@ -154,20 +131,6 @@ def _plan(
     return mine, num_resumed
 
 
-def _open_partial(path: str):
-    """This process's partial-predictions file, opened for appending; a killed run's half-written last line
-    is ended first, so it stays a line of its own (and is ignored)."""
-    torn = os.path.isfile(path) and os.path.getsize(path) > 0
-    if torn:
-        with open(path, "rb") as file:
-            file.seek(-1, os.SEEK_END)
-            torn = file.read(1) != b"\n"
-    partial = open(path, "a", encoding="utf-8")  # noqa: SIM115 (returned to the caller's `with`)
-    if torn:
-        partial.write("\n")
-    return partial
-
-
 def _predict(
     model,
     processor,
@@ -186,7 +149,7 @@ def _predict(
 
         total = sum(len(annotation_ids[index]) for batch in batches for index in batch)
         bar = tqdm(total=total, unit="region", desc=progress, dynamic_ncols=True)
-    with _open_partial(partial_path) as partial:
+    with open_for_append(partial_path) as partial:
         for batch in batches:
             predictions = predict_regions(
                 model, processor, dataset.select(batch), batch_images=len(batch), **predict_settings
@@ -257,7 +220,7 @@ def run_benchmark(
         raise ValueError(f"batch_images must be positive, got {batch_images}")
     if tag_threshold is None:
         tag_threshold = benchmark.tag_threshold
-    rank, world = _distributed()
+    rank, world = process_group()
     output_dir = os.fspath(output_dir)
     partial_dir = os.path.join(output_dir, "partial")
     settings = {
@@ -291,7 +254,7 @@ def run_benchmark(
         **({} if tag_threshold is None else {"tag_threshold": tag_threshold}),
     )
     seconds = time.perf_counter() - started
-    _barrier(world)
+    barrier(world)
     speed = total / seconds if seconds and total else 0.0
     if rank != 0:
         return BenchmarkRun(task, {}, None, None, 0, num_resumed, total, seconds, speed, world)
