@@ -293,3 +293,32 @@ def test_rescore_writes_metrics_json_into_output(exported, ovad_one_process, tmp
     assert written["metrics"] == json.loads((ovad_one_process / "metrics.json").read_text())["metrics"]
     assert written["settings"]["rescored"] == str(ovad_one_process / "result.json")
     assert f"wrote {output / 'metrics.json'}" in out
+
+
+def test_tasks_that_never_read_captions_run_heads_only(exported, demo, tmp_path, monkeypatch):
+    """OVAD and COCO score attributes and classes only: `run_benchmark` runs no language model for them, and
+    the scores it writes equal those of the full (captioning) path."""
+    from dynrefer_hf.evaluation import predict_regions
+
+    model, processor = demo
+    dataset = load_upstream_annotations(exported["images"], class_names=list(model.config.class_names))
+    full = predict_regions(model, processor, dataset, batch_images=1, tag_threshold=None)
+    assert not BENCHMARK_TASKS["ovad"].reads_captions and not BENCHMARK_TASKS["coco"].reads_captions
+
+    def no_language_model(*args, **kwargs):
+        raise AssertionError("the language model ran for a task that never reads captions")
+
+    monkeypatch.setattr(model.language_model, "forward", no_language_model)
+    monkeypatch.setattr(model.language_model, "generate", no_language_model)
+    run_benchmark(model, processor, "ovad", exported["images"], tmp_path / "ovad", batch_images=1, progress=False,
+                  tag_threshold=None)
+    result = json.loads((tmp_path / "ovad" / "result.json").read_text())
+    predicted = [a["extra_info"]["pred_result"] for a in result["annotations"]]
+    assert len(predicted) == len(full)
+    for written, reference in zip(predicted, full):
+        assert "caption" not in written and "score" not in written
+        assert written["attr"] == pytest.approx(reference["attribute_scores"], abs=1e-6)
+        assert written["cls"] == pytest.approx(reference["class_scores"], abs=1e-6)
+        assert written["tag_set1"] == reference["tags"]
+    with pytest.raises(ValueError, match="generation settings \\['num_beams'\\]"):
+        predict_regions(model, processor, dataset, generate_captions=False, num_beams=2)

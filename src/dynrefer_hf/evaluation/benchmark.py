@@ -51,10 +51,11 @@ class BenchmarkRun:
 
 
 def _pred_result(prediction: dict) -> dict:
-    """Upstream's ``pred_result`` of one region (docs/upstream/model.md §16: both tag sets hold the same list)."""
+    """Upstream's ``pred_result`` of one region (docs/upstream/model.md §16: both tag sets hold the same list);
+    a heads-only prediction (a task that never reads captions) has no ``caption`` and ``score``."""
+    captioned = {"caption": prediction["caption"], "score": float(prediction["score"])} if "caption" in prediction else {}
     return {
-        "caption": prediction["caption"],
-        "score": float(prediction["score"]),
+        **captioned,
         "tag_set1": list(prediction["tags"]),
         "tag_set2": list(prediction["tags"]),
         "attr": [float(v) for v in prediction["attribute_scores"]],
@@ -251,6 +252,7 @@ def run_benchmark(
         f"dynrefer eval {task}" if progress and rank == 0 else None,
         view_selection=view_selection,
         region_batch_size=region_batch_size,
+        generate_captions=benchmark.reads_captions,
         **({} if tag_threshold is None else {"tag_threshold": tag_threshold}),
     )
     seconds = time.perf_counter() - started
@@ -274,7 +276,7 @@ def run_benchmark(
         **settings,
         "limit": limit,
         "tag_threshold": tag_threshold if tag_threshold is not None else model.config.tag_threshold,
-        "generation": model.generation_config.to_diff_dict(),
+        "generation": model.generation_config.to_diff_dict() if benchmark.reads_captions else None,
         "processes": world,
     }
     metrics_file = os.path.join(output_dir, "metrics.json")

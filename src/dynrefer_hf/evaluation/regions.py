@@ -46,6 +46,7 @@ def predict_regions(
     task: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     region_batch_size: int | None = None,
+    generate_captions: bool = True,
     **generate_kwargs,
 ) -> list[dict]:
     """`model.generate` and `processor.post_process_generation` for every region of every record of ``dataset``
@@ -55,9 +56,17 @@ def predict_regions(
     generation uses ``model.generation_config`` unless ``generate_kwargs`` override it. ``progress(done,
     total)`` is called after every batch of images. ``region_batch_size`` bounds the regions per forward pass
     (upstream: 20, docs/upstream/model.md §16; default: all regions of the batch of images at once).
+    ``generate_captions=False``: heads only (`model.label_regions`), records without caption and score;
+    ``generate_kwargs`` may then hold only ``tag_threshold``.
     """
     if region_batch_size is not None and region_batch_size < 1:
         raise ValueError(f"region_batch_size must be a positive number of regions, got {region_batch_size}")
+    if not generate_captions and set(generate_kwargs) - {"tag_threshold"}:
+        raise ValueError(
+            f"generation settings {sorted(set(generate_kwargs) - {'tag_threshold'})} given with "
+            "generate_captions=False, which runs no language model"
+        )
+    predict = model.generate if generate_captions else model.label_regions
     model.eval()
     device = model.device
     predictions: list[dict] = []
@@ -70,7 +79,7 @@ def predict_regions(
         num_regions = len(views["pixel_values"])
         step = region_batch_size or max(num_regions, 1)
         for first in range(0, num_regions, step):
-            outputs = model.generate(
+            outputs = predict(
                 pixel_values=views["pixel_values"][first : first + step].to(device, model.dtype),
                 view_boxes=views["view_boxes"][first : first + step].to(device),
                 **generate_kwargs,

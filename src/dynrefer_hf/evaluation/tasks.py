@@ -49,6 +49,8 @@ class BenchmarkTask:
         loader: ``loader(annotations, images, *, class_names, cache_dir, **loader_options)`` -> a dataset of
             region records (docs/data.md), or ``"module:function"``; default: upstream's annotation files.
         loader_options: extra keyword arguments of the loader (COCO reads the regions' class labels).
+        reads_captions: whether the scorer reads the captions; a task whose protocol never does (OVAD, COCO)
+            is predicted heads-only, without running the language model.
     """
 
     name: str
@@ -59,6 +61,7 @@ class BenchmarkTask:
     upstream_config: str = ""
     loader: Callable[..., Any] | str = "dynrefer_hf.data.upstream:load_upstream_annotations"
     loader_options: Mapping[str, Any] = field(default_factory=dict)
+    reads_captions: bool = True
 
     def score(self, result: dict, gt: dict, scoring: Scoring) -> dict:
         return _resolve(self.scorer)(result, gt, scoring)
@@ -119,9 +122,10 @@ register_task(BenchmarkTask(
 register_task(BenchmarkTask(
     "ovad", "OVAD attribute detection, box oracle: mAP (§5)", f"{_PROTOCOLS}:score_ovad",
     ("ap/all", "ap/head", "ap/medium", "ap/tail"), upstream_config="configs/eval/ovad/ovad.yaml",
-    loader_options={"required_fields": ("extra_info.ovad_result.att_vec",)},
+    loader_options={"required_fields": ("extra_info.ovad_result.att_vec",)}, reads_captions=False,
 ))  # fmt: skip
 register_task(BenchmarkTask(
     "coco", "COCO region recognition: top-1 accuracy (§6)", f"{_PROTOCOLS}:score_coco",
     ("accuracy",), upstream_config="configs/eval/coco/coco.yaml", loader_options={"read_classes": True, "required_fields": ("extra_info.coco_result.category",)},
+    reads_captions=False,
 ))  # fmt: skip
