@@ -24,7 +24,7 @@ def model_folder(tiny_region_captioner):
 
 @pytest.fixture(scope="module")
 def describe(model_folder):
-    return pipeline("region-captioning", model=str(model_folder), device="cpu")
+    return pipeline("region-captioning", model=str(model_folder), device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
