@@ -12,7 +12,8 @@ model at one precision (``load_s``, ``load_peak_rss_gib``), warms up on one regi
 forward hooks: ``processor_s`` (the nested views), ``vit_s``, ``fuse_s`` (RoI-Align + alignment + fusion),
 ``qformer_s``, ``heads_s`` (tags, attributes, class), ``generation_s`` (the language model, encoder and decoding;
 captions are forced to 20 new tokens so that precisions generate the same amount). ``total_s`` is processor +
-model; ``regions_per_s`` and ``s_per_region`` follow from it; ``peak_rss_gib`` is the process's peak (load + run)
+model; ``regions_per_s`` and ``s_per_region`` follow from it; ``total_cpu_s`` and ``load_cpu_s`` are the CPU
+seconds of all the process's threads (on a shared machine they move less than wall-clock time); ``peak_rss_gib`` is the process's peak (load + run)
 and, on CUDA, ``peak_gpu_mem_gib`` the peak allocated device memory.
 
 Precisions: ``float32``, ``bfloat16``, ``upstream`` (the language model bfloat16, the rest float32; on CUDA the
@@ -171,11 +172,16 @@ def measure(spec: dict) -> dict:
     if spec["backend"]:
         os.environ["DYNREFER_OPS_BACKEND"] = spec["backend"]
     device = torch.device(spec["device"])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model, chosen = load(Path(spec["folder"]), spec["precision"], spec["device"])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    result = {"load_s": time.perf_counter() - start, "load_peak_rss_gib": peak_rss_gib(), "chosen": chosen}
+    result = {
+        "load_s": time.perf_counter() - start,
+        "load_cpu_s": time.process_time() - cpu_start,
+        "load_peak_rss_gib": peak_rss_gib(),
+        "chosen": chosen,
+    }
     processor = DynReferProcessor.from_pretrained(spec["folder"])
     image = Image.open(PHOTO).convert("RGB")
     boxes = random_boxes(spec["regions"], *image.size)
@@ -202,12 +208,13 @@ def measure(spec: dict) -> dict:
     clock.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     describe(boxes)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     total = time.perf_counter() - start
+    result["total_cpu_s"] = time.process_time() - cpu_start  # all threads: less disturbed by other processes
     result.update({f"{stage}_s": seconds for stage, seconds in clock.seconds.items()})
     result.update(
         total_s=total,
@@ -218,9 +225,43 @@ def measure(spec: dict) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- what the machine can do
+
+
+def machine_peaks(device_name: str) -> dict[str, float]:
+    """Matrix-multiply throughput (GFLOP/s, 2048^3, float32 and bfloat16) and memory bandwidth (GiB/s read + write
+    of a 1 GiB copy) of ``device_name``: what each stage's time is compared with (docs/performance.md)."""
+    import torch
+
+    device = torch.device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def best_seconds(function, repeats: int = 5) -> float:
+        function()
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function()
+            sync()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    peaks = {}
+    size = 2048
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        peaks[f"gemm_{str(dtype).removeprefix('torch.')}_gflops"] = 2 * size**3 / best_seconds(lambda: a @ b) / 1e9
+    source = torch.ones(2**28, device=device)  # 1 GiB of float32
+    target = torch.empty_like(source)
+    peaks["copy_gib_per_s"] = 2 * source.numel() * 4 / 2**30 / best_seconds(lambda: target.copy_(source))
+    return peaks
+
+
 # ---------------------------------------------------------------- the driver
 
-UNITS = {"regions_per_s": "regions/s", "chosen": None}
+UNITS = {"regions_per_s": "regions/s", "chosen": None, "copy_gib_per_s": "GiB/s"}
 
 
 def rows_of(benchmark: str, variant: str, result: dict) -> list[tuple]:
@@ -228,7 +269,9 @@ def rows_of(benchmark: str, variant: str, result: dict) -> list[tuple]:
     for metric, value in result.items():
         if metric == "chosen":
             continue
-        unit = UNITS.get(metric) or ("GiB" if metric.endswith("_gib") else "s")
+        unit = UNITS.get(metric) or (
+            "GiB" if metric.endswith("_gib") else "GFLOP/s" if metric.endswith("_gflops") else "s"
+        )
         rows.append((benchmark, variant, metric, value, unit))
     return rows
 
@@ -254,6 +297,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=("reference", "triton"), help="ops backend (default: the library's)")
     parser.add_argument("--output", help="results CSV (default: benchmarks/results/bench_full_size_<scale>_<device>.csv)")
     parser.add_argument("--time-limit", type=float, help="start no measurement after this many seconds")
+    parser.add_argument("--skip-peaks", action="store_true", help="do not measure the machine's GEMM and copy rates")
     parser.add_argument("--_build", help=argparse.SUPPRESS)
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -277,6 +321,11 @@ def main() -> None:
     folder = model_folder(args)
     output = Path(args.output) if args.output else RESULTS / f"bench_full_size_{args.scale}_{args.device}.csv"
     benchmark = f"full_size_{args.scale}_{args.device}"
+    commit, installed = git_commit(), versions("torch", "transformers", "torchao")
+    if not args.skip_peaks:
+        peaks = machine_peaks(args.device)
+        append_results(output, rows_of(benchmark, "machine", peaks), commit, installed, machine_description())
+        print("machine: " + ", ".join(f"{name} {value:.1f}" for name, value in peaks.items()), flush=True)
     plan = [(p, d, r) for p in precisions for d in decodings for r in regions]
     skipped = []
     print(f"model {folder}; {len(plan)} measurements; results appended to {output}", flush=True)
@@ -300,8 +349,7 @@ def main() -> None:
             continue
         result = json.loads(lines[-1].removeprefix("RESULT "))
         machine = machine_description(f"precision chosen: {result['chosen']}")
-        append_results(output, rows_of(benchmark, variant, result), git_commit(),
-                       versions("torch", "transformers", "torchao"), machine)
+        append_results(output, rows_of(benchmark, variant, result), commit, installed, machine)
         print(f"{variant:<28}{result['load_s']:>8.1f}{result['peak_rss_gib']:>9.2f}{result['s_per_region']:>10.2f}"
               + "".join(f"{result[f'{s}_s']:>11.2f}" for s in STAGES), flush=True)
     if skipped:
