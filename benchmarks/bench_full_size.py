@@ -10,8 +10,9 @@ layout (Flan-T5 bfloat16, the rest float32) and reused. Every measurement runs i
 model at one precision (``load_s``, ``load_peak_rss_gib``), warms up on one region with two tokens, then describes
 ``R`` regions of one photo in one call (``R`` from ``--regions``) with one decoding, timing each stage through
 forward hooks: ``processor_s`` (the nested views), ``vit_s``, ``fuse_s`` (RoI-Align + alignment + fusion),
-``qformer_s``, ``heads_s`` (tags, attributes, class), ``generation_s`` (the language model, encoder and decoding;
-captions are forced to 20 new tokens so that precisions generate the same amount). ``total_s`` is processor +
+``qformer_s``, ``heads_s`` (tags, attributes, class), ``generation_s`` (the language model's forward passes, encoder and
+decoding steps; captions are forced to 20 new tokens so that precisions generate the same amount), ``other_s``
+(the rest: beam search and logits processors between the steps, control prompts, post-processing). ``total_s`` is processor +
 model; ``regions_per_s`` and ``s_per_region`` follow from it; ``total_cpu_s`` and ``load_cpu_s`` are the CPU
 seconds of all the process's threads (on a shared machine they move less than wall-clock time); ``peak_rss_gib`` is the process's peak (load + run)
 and, on CUDA, ``peak_gpu_mem_gib`` the peak allocated device memory.
@@ -120,14 +121,19 @@ class StageClock:
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self._started: dict[str, float] = {}
+        self._depth: dict[str, int] = {}
 
     def start(self, stage: str) -> None:
-        self._sync()
-        self._started[stage] = time.perf_counter()
+        self._depth[stage] = self._depth.get(stage, 0) + 1
+        if self._depth[stage] == 1:  # a stage nested in itself (an encoder inside its model) counts once
+            self._sync()
+            self._started[stage] = time.perf_counter()
 
     def stop(self, stage: str) -> None:
-        self._sync()
-        self.seconds[stage] += time.perf_counter() - self._started.pop(stage)
+        self._depth[stage] -= 1
+        if self._depth[stage] == 0:
+            self._sync()
+            self.seconds[stage] += time.perf_counter() - self._started.pop(stage)
 
     def hook_module(self, module, stage: str) -> None:
         module.register_forward_pre_hook(lambda *_: self.start(stage))
@@ -193,7 +199,9 @@ def measure(spec: dict) -> dict:
     clock.wrap_method(model, "fuse_views", "fuse")
     clock.hook_module(model.qformer, "qformer")
     clock.wrap_method(model, "predict_labels", "heads")
-    clock.hook_module(model.language_model, "generation")
+    clock.hook_module(model.language_model, "generation")  # every decoding step
+    if getattr(model.language_model, "encoder", None) is not None:  # `generate` runs the encoder on its own
+        clock.hook_module(model.language_model.encoder, "generation")
 
     def describe(region_boxes, **extra):
         clock.start("processor")
@@ -217,6 +225,7 @@ def measure(spec: dict) -> dict:
     result["total_cpu_s"] = time.process_time() - cpu_start  # all threads: less disturbed by other processes
     result.update({f"{stage}_s": seconds for stage, seconds in clock.seconds.items()})
     result.update(
+        other_s=total - sum(clock.seconds.values()),  # beam search, logits processors, prompts, post-processing
         total_s=total,
         regions_per_s=spec["regions"] / total,
         s_per_region=total / spec["regions"],
