@@ -13,7 +13,8 @@ forward hooks: ``processor_s`` (the nested views), ``vit_s``, ``fuse_s`` (RoI-Al
 ``qformer_s``, ``heads_s`` (tags, attributes, class), ``generation_s`` (the language model's forward passes, encoder and
 decoding steps; captions are forced to 20 new tokens so that precisions generate the same amount), ``other_s``
 (the rest: beam search and logits processors between the steps, control prompts, post-processing). ``total_s`` is processor +
-model; ``regions_per_s`` and ``s_per_region`` follow from it; ``total_cpu_s`` and ``load_cpu_s`` are the CPU
+model; ``regions_per_s`` and ``s_per_region`` follow from it; ``rss_anon_gib`` / ``rss_file_gib`` split the
+resident memory at the end into the process's own and mapped weight-file pages; ``total_cpu_s`` and ``load_cpu_s`` are the CPU
 seconds of all the process's threads (on a shared machine they move less than wall-clock time); ``peak_rss_gib`` is the process's peak (load + run)
 and, on CUDA, ``peak_gpu_mem_gib`` the peak allocated device memory.
 
@@ -53,6 +54,17 @@ def _gib(kib: float) -> float:
 def peak_rss_gib() -> float:
     """This process's peak resident set so far (Linux reports KiB)."""
     return _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def resident_gib() -> dict[str, float]:
+    """Resident memory now, split (Linux): ``rss_anon_gib`` (the process's own: weights it copied, activations) and
+    ``rss_file_gib`` (pages of memory-mapped weight files: shared with the page cache, dropped under pressure)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    except OSError:
+        return {}
+    return {f"rss_{kind}_gib": _gib(int(fields[f"Rss{kind.title()}"].split()[0])) for kind in ("anon", "file")
+            if f"Rss{kind.title()}" in fields}
 
 
 # ---------------------------------------------------------------- the model folder
@@ -230,6 +242,7 @@ def measure(spec: dict) -> dict:
         regions_per_s=spec["regions"] / total,
         s_per_region=total / spec["regions"],
         peak_rss_gib=peak_rss_gib(),
+        **resident_gib(),
     )
     return result
 
