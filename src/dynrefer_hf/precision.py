@@ -4,8 +4,8 @@
 
 * on CUDA, upstream's precision (``"upstream"``: the ViT under float16 autocast, Flan-T5 in bfloat16, the rest
   float32, as `DynReferForRegionCaptioning.to_upstream_precision` sets it up);
-* on a CPU with native bfloat16 arithmetic (AMX or AVX512-BF16), ``"bfloat16"``: 4-5x faster than float32 there
-  and half the memory (docs/performance.md);
+* on a CPU with native bfloat16 arithmetic (AMX or AVX512-BF16), ``"bfloat16"``: half the memory, a fifth of the
+  load time, native bfloat16 matrix products (the end-to-end speed-up measured so far is mixed: docs/performance.md);
 * elsewhere ``"float32"``: without native bfloat16 instructions, bfloat16 is emulated and slower than float32.
 
 ``--quantize int8`` / ``quantization="int8"`` adds torchao's int8 weights to any of them (`quantization_config`).
