@@ -29,6 +29,7 @@ each measurement finishes: benchmark ``full_size_<scale>_<device>``, variant ``<
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -60,19 +61,25 @@ def resident_gib() -> dict[str, float]:
     """Resident memory now, split (Linux): ``rss_anon_gib`` (the process's own: weights it copied, activations) and
     ``rss_file_gib`` (pages of memory-mapped weight files: shared with the page cache, dropped under pressure)."""
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        fields = dict(
+            line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+        )
     except OSError:
         return {}
-    return {f"rss_{kind}_gib": _gib(int(fields[f"Rss{kind.title()}"].split()[0])) for kind in ("anon", "file")
-            if f"Rss{kind.title()}" in fields}
+    return {
+        f"rss_{kind}_gib": _gib(int(fields[f"Rss{kind.title()}"].split()[0]))
+        for kind in ("anon", "file")
+        if f"Rss{kind.title()}" in fields
+    }
 
 
 # ---------------------------------------------------------------- the model folder
 
 
-def save_random_model(folder: Path, scale: str) -> Path:
-    """Build the ``scale`` architecture with random weights in bfloat16, put everything but the language model in
-    float32 (the converter's layout) and save it with a processor; returns ``folder``."""
+def save_random_model(folder: Path, scale: str, device: str = "cpu") -> Path:
+    """Build the ``scale`` architecture with random weights in bfloat16 on ``device`` (a GPU initialises 4 G values
+    in seconds), put everything but the language model in float32 (the converter's layout) and save it with a
+    processor; returns ``folder``."""
     import torch
 
     from dynrefer_hf.configuration_dynrefer import DynReferConfig
@@ -97,14 +104,17 @@ def save_random_model(folder: Path, scale: str) -> Path:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # 8 GB instead of 16 GB while building
     try:
-        model = DynReferForRegionCaptioning(config)
+        with torch.device(device):
+            model = DynReferForRegionCaptioning(config)
     finally:
         torch.set_default_dtype(default)
     set_precision(model, "upstream")  # in place, one sub-model at a time
     model.save_pretrained(folder, max_shard_size="2GB")
     size = config.vision_config.image_size
     image_processor = DynReferImageProcessor(size={"height": size, "width": size}, num_views=config.num_views)
-    DynReferProcessor(image_processor, tokenizer, max_text_length=config.max_text_length).save_pretrained(folder)
+    DynReferProcessor(image_processor, tokenizer, max_text_length=config.max_text_length).save_pretrained(
+        folder
+    )
     return folder
 
 
@@ -115,7 +125,17 @@ def model_folder(args) -> Path:
     if not (folder / "config.json").exists():
         print(f"building the {args.scale} model with random weights in {folder} ...", flush=True)
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--_build", str(folder), "--scale", args.scale], check=True)
+        build = [
+            sys.executable,
+            __file__,
+            "--_build",
+            str(folder),
+            "--scale",
+            args.scale,
+            "--device",
+            args.device,
+        ]
+        subprocess.run(build, check=True)
         print(f"built in {time.perf_counter() - start:.0f} s", flush=True)
     return folder
 
@@ -174,7 +194,9 @@ def load(folder: Path, precision: str, device: str):
 
     quantization = "int8" if precision == "int8" else None
     chosen, _ = resolve_precision("auto" if precision == "int8" else precision, device)
-    model = DynReferForRegionCaptioning.from_pretrained(folder, **from_pretrained_kwargs(chosen, quantization))
+    model = DynReferForRegionCaptioning.from_pretrained(
+        folder, **from_pretrained_kwargs(chosen, quantization)
+    )
     if chosen == "upstream":
         set_precision(model, chosen)
     return model.to(device), chosen
@@ -182,9 +204,9 @@ def load(folder: Path, precision: str, device: str):
 
 def measure(spec: dict) -> dict:
     import torch
+    from bench_pipeline import random_boxes
     from PIL import Image
 
-    from bench_pipeline import random_boxes
     from dynrefer_hf.processing_dynrefer import DynReferProcessor
 
     if spec["backend"]:
@@ -237,7 +259,8 @@ def measure(spec: dict) -> dict:
     result["total_cpu_s"] = time.process_time() - cpu_start  # all threads: less disturbed by other processes
     result.update({f"{stage}_s": seconds for stage, seconds in clock.seconds.items()})
     result.update(
-        other_s=total - sum(clock.seconds.values()),  # beam search, logits processors, prompts, post-processing
+        other_s=total
+        - sum(clock.seconds.values()),  # beam search, logits processors, prompts, post-processing
         total_s=total,
         regions_per_s=spec["regions"] / total,
         s_per_region=total / spec["regions"],
@@ -274,7 +297,8 @@ def machine_peaks(device_name: str) -> dict[str, float]:
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
-        peaks[f"gemm_{str(dtype).removeprefix('torch.')}_gflops"] = 2 * size**3 / best_seconds(lambda: a @ b) / 1e9
+        product = functools.partial(torch.mm, a, b)
+        peaks[f"gemm_{str(dtype).removeprefix('torch.')}_gflops"] = 2 * size**3 / best_seconds(product) / 1e9
     source = torch.ones(2**28, device=device)  # 1 GiB of float32
     target = torch.empty_like(source)
     peaks["copy_gib_per_s"] = 2 * source.numel() * 4 / 2**30 / best_seconds(lambda: target.copy_(source))
@@ -316,16 +340,22 @@ def main() -> None:
     parser.add_argument("--precisions", default="float32,bfloat16,int8,upstream,auto")
     parser.add_argument("--regions", default="1,8,32", help="regions per call, comma-separated")
     parser.add_argument("--decoding", default="greedy,beam")
-    parser.add_argument("--backend", choices=("reference", "triton"), help="ops backend (default: the library's)")
-    parser.add_argument("--output", help="results CSV (default: benchmarks/results/bench_full_size_<scale>_<device>.csv)")
+    parser.add_argument(
+        "--backend", choices=("reference", "triton"), help="ops backend (default: the library's)"
+    )
+    parser.add_argument(
+        "--output", help="results CSV (default: benchmarks/results/bench_full_size_<scale>_<device>.csv)"
+    )
     parser.add_argument("--time-limit", type=float, help="start no measurement after this many seconds")
-    parser.add_argument("--skip-peaks", action="store_true", help="do not measure the machine's GEMM and copy rates")
+    parser.add_argument(
+        "--skip-peaks", action="store_true", help="do not measure the machine's GEMM and copy rates"
+    )
     parser.add_argument("--_build", help=argparse.SUPPRESS)
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._build:
-        save_random_model(Path(args._build), args.scale)
+        save_random_model(Path(args._build), args.scale, args.device)
         return
     if args._measure:
         print("RESULT " + json.dumps(measure(json.loads(args._measure))), flush=True)
@@ -351,29 +381,50 @@ def main() -> None:
     plan = [(p, d, r) for p in precisions for d in decodings for r in regions]
     skipped = []
     print(f"model {folder}; {len(plan)} measurements; results appended to {output}", flush=True)
-    header = f"{'variant':<28}{'load s':>8}{'RSS GiB':>9}{'s/region':>10}" + "".join(f"{s:>11}" for s in STAGES)
+    header = f"{'variant':<28}{'load s':>8}{'RSS GiB':>9}{'s/region':>10}" + "".join(
+        f"{s:>11}" for s in STAGES
+    )
     print(header, flush=True)
     for precision, decoding, count in plan:
         variant = f"{precision}_{decoding}_{count}regions"
         if args.time_limit is not None and time.perf_counter() - began > args.time_limit:
             skipped.append(variant)
             continue
-        spec = {"folder": str(folder), "precision": precision, "decoding": decoding, "regions": count,
-                "device": args.device, "backend": args.backend}
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+        spec = {
+            "folder": str(folder),
+            "precision": precision,
+            "decoding": decoding,
+            "regions": count,
+            "device": args.device,
+            "backend": args.backend,
+        }
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+        }
         child = subprocess.run(
-            [sys.executable, __file__, "--_measure", json.dumps(spec)], capture_output=True, text=True, env=env
+            [sys.executable, __file__, "--_measure", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
         lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
         if child.returncode != 0 or not lines:
-            print(f"{variant}: failed (exit {child.returncode}): {child.stderr.strip().splitlines()[-1:]}", flush=True)
+            print(
+                f"{variant}: failed (exit {child.returncode}): {child.stderr.strip().splitlines()[-1:]}",
+                flush=True,
+            )
             skipped.append(f"{variant} (failed)")
             continue
         result = json.loads(lines[-1].removeprefix("RESULT "))
         machine = machine_description(f"precision chosen: {result['chosen']}")
         append_results(output, rows_of(benchmark, variant, result), commit, installed, machine)
-        print(f"{variant:<28}{result['load_s']:>8.1f}{result['peak_rss_gib']:>9.2f}{result['s_per_region']:>10.2f}"
-              + "".join(f"{result[f'{s}_s']:>11.2f}" for s in STAGES), flush=True)
+        print(
+            f"{variant:<28}{result['load_s']:>8.1f}{result['peak_rss_gib']:>9.2f}{result['s_per_region']:>10.2f}"
+            + "".join(f"{result[f'{s}_s']:>11.2f}" for s in STAGES),
+            flush=True,
+        )
     if skipped:
         print(f"skipped (--time-limit {args.time_limit} s or failed): {', '.join(skipped)}", flush=True)
 

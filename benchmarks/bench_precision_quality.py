@@ -70,9 +70,11 @@ def main() -> None:
         seconds = time.perf_counter() - start
         scores = demo_scores(result, dataset)
         captions[name] = [prediction["caption"] for prediction in result.predictions]
-        scores["caption_agreement"] = 100 * sum(
-            a == b for a, b in zip(captions[name], captions["float32"], strict=True)
-        ) / len(captions[name])
+        scores["caption_agreement"] = (
+            100
+            * sum(a == b for a, b in zip(captions[name], captions["float32"], strict=True))
+            / len(captions[name])
+        )
         scores["seconds"] = seconds
         rows += [
             ("precision_quality_demo", name, metric, value, "s" if metric == "seconds" else "x100")

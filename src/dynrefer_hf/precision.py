@@ -33,9 +33,9 @@ __all__ = [
     "from_pretrained_kwargs",
     "quantization_config",
     "record_dtypes",
-    "stored_dtypes",
     "resolve_precision",
     "set_precision",
+    "stored_dtypes",
 ]
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "upstream")
@@ -60,7 +60,9 @@ def cpu_has_native_bfloat16() -> bool:
     CPU flags where this torch cannot say."""
     import torch
 
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    checks = [
+        getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    ]
     if all(check is not None for check in checks):
         return any(check() for check in checks)
     return bool(_NATIVE_BFLOAT16_FLAGS & _cpuinfo_flags())
@@ -175,7 +177,9 @@ SUB_MODELS = {
     "text_encoder_config": "text_encoder",
 }
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-_load_dtype_plan: ContextVar[dict[str, torch.dtype] | None] = ContextVar("dynrefer_load_dtype_plan", default=None)
+_load_dtype_plan: ContextVar[dict[str, torch.dtype] | None] = ContextVar(
+    "dynrefer_load_dtype_plan", default=None
+)
 
 
 def _safetensors_header(path: Path) -> dict:
