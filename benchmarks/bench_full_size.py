@@ -100,6 +100,11 @@ def save_random_model(folder: Path, scale: str, device: str = "cpu") -> Path:
 
         # any T5 tokenizer whose ids fit Flan-T5's vocabulary: the demonstration model's (no download)
         config, tokenizer = DynReferConfig(), AutoTokenizer.from_pretrained(SHAPES_DEMO_PATH)
+    size = config.vision_config.image_size
+    image_processor = DynReferImageProcessor(size={"height": size, "width": size}, num_views=config.num_views)
+    processor = DynReferProcessor(image_processor, tokenizer, max_text_length=config.max_text_length)
+    # the tag vocabulary as this tokenizer writes it: `generate` puts predicted tags into the control prompts
+    config.control_prompt_tokens = processor.tokenize_tag_vocabulary(config.tag_names)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # 8 GB instead of 16 GB while building
@@ -110,11 +115,7 @@ def save_random_model(folder: Path, scale: str, device: str = "cpu") -> Path:
         torch.set_default_dtype(default)
     set_precision(model, "upstream")  # in place, one sub-model at a time
     model.save_pretrained(folder, max_shard_size="2GB")
-    size = config.vision_config.image_size
-    image_processor = DynReferImageProcessor(size={"height": size, "width": size}, num_views=config.num_views)
-    DynReferProcessor(image_processor, tokenizer, max_text_length=config.max_text_length).save_pretrained(
-        folder
-    )
+    processor.save_pretrained(folder)
     return folder
 
 
@@ -239,12 +240,14 @@ def measure(spec: dict) -> dict:
 
     def describe(region_boxes, **extra):
         clock.start("processor")
-        features = processor.image_processor(image, boxes=region_boxes, return_tensors="pt")
+        inputs = processor(images=image, boxes=region_boxes)
         clock.stop("processor")
-        pixel_values = features["pixel_values"].to(device=device, dtype=model.query_tokens.dtype)
-        return model.describe_regions(
-            pixel_values, features["view_boxes"].to(device), processor, **{**generation, **extra}
-        )
+        tensors = {
+            "pixel_values": inputs["pixel_values"].to(device=device, dtype=model.query_tokens.dtype),
+            "view_boxes": inputs["view_boxes"].to(device),
+        }
+        outputs = model.generate(**tensors, **{**generation, **extra})
+        return processor.post_process_region_captioning(outputs, inputs, model.config)
 
     describe(boxes[:1], max_new_tokens=2, min_new_tokens=2)  # warm-up: lazy inits, kernels, allocator
     clock.reset()

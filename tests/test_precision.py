@@ -132,8 +132,8 @@ def test_device_map_auto_offloads_to_disk_under_a_memory_limit_with_the_same_out
         expected = reference.get_region_queries(pixel_values, view_boxes)
         got = offloaded.get_region_queries(pixel_values, view_boxes)
         torch.testing.assert_close(got, expected)
-        ids = reference.generate(pixel_values, view_boxes, num_beams=1, max_new_tokens=4)
-        assert torch.equal(offloaded.generate(pixel_values, view_boxes, num_beams=1, max_new_tokens=4), ids)
+        ids = reference.generate(pixel_values, view_boxes, num_beams=1, max_new_tokens=4).sequences
+        assert torch.equal(offloaded.generate(pixel_values, view_boxes, num_beams=1, max_new_tokens=4).sequences, ids)
 
 
 def test_int8_quantizes_the_linear_layers_and_stays_close_to_float32(mixed_folder):
@@ -164,7 +164,7 @@ def test_int8_quantizes_the_linear_layers_and_stays_close_to_float32(mixed_folde
     assert (got - expected).norm() / expected.norm() < 0.03
     pixel_values, view_boxes = region_inputs(reference, regions=3)
     with torch.no_grad():
-        ids = quantized.generate(pixel_values, view_boxes, num_beams=1, max_new_tokens=4)
+        ids = quantized.generate(pixel_values, view_boxes, num_beams=1, max_new_tokens=4).sequences
     assert ids.shape[0] == 3
 
 
@@ -176,8 +176,15 @@ def test_pipeline_auto_runs_at_the_machines_precision(monkeypatch, mixed_folder)
     assert set(
         part_dtypes(pipeline("region-captioning", model=str(folder), device="cpu").model).values()
     ) == {torch.float32}
-    kept = pipeline("region-captioning", model=str(folder), device="cpu", dtype=torch.float16).model
-    assert set(part_dtypes(kept).values()) == {torch.float16}
+    loaded = pipeline("region-captioning", model=str(folder), device="cpu", dtype=torch.float16).model
+    assert set(part_dtypes(loaded).values()) == {torch.float16}
+    mock_cpu(monkeypatch, True, False)
+    model = DynReferForRegionCaptioning.from_pretrained(folder, dtype="auto")
+    given = pipeline("region-captioning", model=model, processor=str(folder), device="cpu").model
+    assert given is model and part_dtypes(model)["language_model.shared.weight"] == torch.bfloat16
+    assert (
+        part_dtypes(model)["vision_model.embeddings.patch_embedding.weight"] == torch.float32
+    )  # used as it is
 
 
 def run_caption(folder, image, *options):

@@ -151,6 +151,8 @@ class DynReferForRegionCaptioning(
                     expected = cls(cls.config_class.from_pretrained(source))
                 check_weight_shapes(source, {name: tuple(t.shape) for name, t in expected.state_dict().items()})
         output_loading_info = kwargs.pop("output_loading_info", False)
+        # `pipeline(...)` loading with its default dtype="auto": the pipeline then sets the machine's precision
+        for_pipeline = kwargs.get("_from_pipeline") is not None and kwargs.get("dtype") == "auto"
         as_stored = kwargs.get("dtype") == "auto" and isinstance(source, (str, os.PathLike)) and os.path.isdir(source)
         # dtype="auto" from a folder: every part in the dtype it was saved in (Flan-T5 bf16 next to a float32 ViT)
         with precision.loading_as_stored(source) if as_stored else contextlib.nullcontext() as main_dtype:
@@ -158,6 +160,7 @@ class DynReferForRegionCaptioning(
                 kwargs["dtype"] = main_dtype
             model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         precision.record_dtypes(model)
+        model.machine_precision_pending = for_pipeline
         model.set_trainable()  # loading swaps in new Parameters, which resets requires_grad
         # Weights the checkpoint lacked (randomly initialised): the pipeline refuses such a model unless told.
         model.missing_weights = sorted(loading_info["missing_keys"])

@@ -206,8 +206,8 @@ class RegionCaptioningPipeline(ChunkPipeline):
         exif_orientation: turn image files and downloads as their EXIF orientation tag says (default
             ``True``, as photo viewers do); ``False`` for upstream's stored pixel order.
         dtype (``pipeline(...)`` argument): ``"auto"`` (default) runs the model at the machine's precision
-            (``dynrefer_hf.precision``: bfloat16 on CPUs with AMX/AVX512-BF16, upstream's on CUDA, else float32),
-            casting a model object passed in; a dtype loads at that dtype; ``None`` keeps the model as it is.
+            (``dynrefer_hf.precision``: bfloat16 on CPUs with AMX/AVX512-BF16, upstream's on CUDA, else float32);
+            a dtype loads at that dtype; a model object passed in is used as it is.
             int8: ``model_kwargs={"quantization_config": dynrefer_hf.precision.quantization_config("int8")}``.
         allow_missing_weights (``pipeline(...)`` argument): use a checkpoint that lacks some of the model's tensors
             (they would be random); refused by default, naming them.
@@ -236,10 +236,12 @@ class RegionCaptioningPipeline(ChunkPipeline):
     _pipeline_calls_generate = True
 
     def __init__(self, *args, allow_missing_weights: bool = False, segmenter=None, **kwargs):
-        dtype = kwargs.get("dtype")  # `pipeline(...)` passes its own, "auto" by default
         super().__init__(*args, **kwargs)
-        if dtype == "auto" and getattr(self.model, "hf_quantizer", None) is None:
-            set_precision(self.model, resolve_precision("auto", self.device)[0])  # the machine's (precision.py)
+        # loaded by `pipeline(...)` with dtype="auto" (the default): the machine's precision (precision.py); a model
+        # object passed in is used as it is
+        if getattr(self.model, "machine_precision_pending", False) and getattr(self.model, "hf_quantizer", None) is None:
+            set_precision(self.model, resolve_precision("auto", self.device)[0])
+            self.model.machine_precision_pending = False
         self.segmenter = None if segmenter is None else self._load_segmenter(segmenter)
         missing = list(getattr(self.model, "missing_weights", None) or [])
         if missing and not check_bool("allow_missing_weights", allow_missing_weights):
