@@ -73,14 +73,14 @@ def load_model(model: str, device: str, dtype: str = "auto", quantize: str | Non
     from ..precision import describe_choice, from_pretrained_kwargs, resolve_precision, set_precision
 
     chosen, why = resolve_precision(dtype or "auto", device)
-    if not quiet:
-        print(describe_choice(chosen, why, quantize), file=sys.stderr)
     try:
         loaded = DynReferForRegionCaptioning.from_pretrained(model, **from_pretrained_kwargs(chosen, quantize), **kwargs)
     except ImportError as error:  # --quantize without torchao
         raise CommandError(f"--quantize {quantize}: {error}") from None
     if chosen == "upstream":
         set_precision(loaded, chosen)
+    if not quiet:  # once loaded: a folder that fails to load gets its one-line error alone
+        print(describe_choice(chosen, why, quantize), file=sys.stderr)
     return loaded.to(device)
 
 
