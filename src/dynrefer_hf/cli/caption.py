@@ -253,6 +253,8 @@ def run_batch(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         allow_missing_weights=args.allow_missing_weights,
+        quantize=args.quantize,
+        quiet=args.quiet,
     )
     options = {
         "batch_size": args.batch_size,
