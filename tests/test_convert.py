@@ -115,6 +115,18 @@ def model(converted_dir):
     return DynReferForRegionCaptioning.from_pretrained(converted_dir[0]).eval()
 
 
+def test_converted_config_records_each_sub_model_dtype_and_auto_loads_them(converted_dir):
+    folder, converted = converted_dir
+    config = json.loads((folder / "config.json").read_text())
+    assert config["text_config"]["dtype"] == "bfloat16"
+    assert config["vision_config"]["dtype"] == config["qformer_config"]["dtype"] == config["dtype"] == "float32"
+    loaded = DynReferForRegionCaptioning.from_pretrained(folder, dtype="auto")
+    stored = {name: tensor.dtype for name, tensor in converted.state_dict.items()}
+    loaded_dtypes = {name: p.dtype for name, p in loaded.named_parameters() if name in stored}
+    assert len(loaded_dtypes) > 100 and loaded_dtypes == {name: stored[name] for name in loaded_dtypes}
+    assert loaded.language_model.shared.weight.dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------- independent upstream formulas
 
 

@@ -10,7 +10,7 @@ CORE = {"configuration_dynrefer", "modeling_dynrefer", "image_processing_dynrefe
         "modeling_common", "modeling_view_encoder", "modeling_qformer_bridge", "modeling_label_heads",
         "modeling_language_bridge", "modeling_vocabularies",
         "prompts", "visualize", "ops", "pipelines", "convert", "resources", "pretrained", "images",
-        "validation", "segmentation", "sharding"}
+        "validation", "segmentation", "sharding", "precision"}
 ALLOWED = {
     "core": CORE,
     "data": CORE | {"data"},

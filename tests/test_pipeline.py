@@ -24,7 +24,7 @@ def model_folder(tiny_region_captioner):
 
 @pytest.fixture(scope="module")
 def describe(model_folder):
-    return pipeline("region-captioning", model=str(model_folder), device="cpu")
+    return pipeline("region-captioning", model=str(model_folder), device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +401,7 @@ def test_generate_gives_the_demo_pipelines_records_exactly():
     image = np.random.default_rng(1).integers(0, 256, (200, 260, 3), dtype=np.uint8)
     boxes = [[10, 10, 120, 120], [50, 60, 200, 180], [0, 0, 260, 200]]
     controls = [["red"], [], "blue,circle"]
-    expected = pipeline("region-captioning", device="cpu")(image, boxes=boxes, controls=controls)
+    expected = pipeline("region-captioning", device="cpu", dtype=torch.float32)(image, boxes=boxes, controls=controls)
     model, processor = AutoModel.from_pretrained(SHAPES_DEMO_PATH), AutoProcessor.from_pretrained(SHAPES_DEMO_PATH)
     assert model.config.control_prompt_tokens == processor.tokenize_tag_vocabulary(model.config.tag_names)
     inputs = processor(images=image, boxes=boxes, controls=controls)

@@ -11,6 +11,7 @@ at once. The public names below are imported on first use either way.
 
 import importlib
 import itertools
+import logging
 import os
 import sys
 
@@ -63,6 +64,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    _quiet_torchao_import()
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
@@ -86,6 +88,18 @@ def register() -> None:
     AutoProcessor.register(DynReferConfig, DynReferProcessor, exist_ok=True)
     register_pipeline()
     _registered = True
+
+
+def _quiet_torchao_import() -> None:
+    """transformers imports torchao (the int8 path) when it is installed; torchao then logs one warning per
+    optional CUDA kernel it cannot load, and torch one per enum it registers, at every import. Drop those."""
+
+    def not_import_noise(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Failed to load") or "is an Enum subclass" in message)
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).addFilter(not_import_noise)
 
 
 def _started_as_the_command() -> bool:

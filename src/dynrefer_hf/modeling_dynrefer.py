@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 
+from . import precision
 from .configuration_dynrefer import DynReferConfig
 from .modeling_common import DynReferGenerationOutput, DynReferOutput, at_least_float32
 from .modeling_label_heads import (
@@ -140,7 +141,8 @@ class DynReferForRegionCaptioning(
     def from_pretrained(cls, *args, **kwargs):
         """As `PreTrainedModel.from_pretrained`, with one-sentence errors for a local folder that is broken
         (`validation.check_model_folder`) or whose weights do not fit its config, and `model.missing_weights`
-        listing the weights the checkpoint lacked."""
+        listing the weights the checkpoint lacked. With `dtype="auto"` a local folder loads every part in the
+        dtype its safetensors hold (`precision.loading_as_stored`), and the config records each sub-model's dtype."""
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
             check_model_folder(source)
@@ -149,11 +151,23 @@ class DynReferForRegionCaptioning(
                     expected = cls(cls.config_class.from_pretrained(source))
                 check_weight_shapes(source, {name: tuple(t.shape) for name, t in expected.state_dict().items()})
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # `pipeline(...)` loading with its default dtype="auto": the pipeline then sets the machine's precision
+        for_pipeline = kwargs.get("_from_pipeline") is not None and kwargs.get("dtype") == "auto"
+        as_stored = kwargs.get("dtype") == "auto" and isinstance(source, (str, os.PathLike)) and os.path.isdir(source)
+        # dtype="auto" from a folder: every part in the dtype it was saved in (Flan-T5 bf16 next to a float32 ViT)
+        with precision.loading_as_stored(source) if as_stored else contextlib.nullcontext() as main_dtype:
+            if main_dtype is not None:
+                kwargs["dtype"] = main_dtype
+            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        precision.record_dtypes(model)
+        model.machine_precision_pending = for_pipeline
         model.set_trainable()  # loading swaps in new Parameters, which resets requires_grad
         # Weights the checkpoint lacked (randomly initialised): the pipeline refuses such a model unless told.
         model.missing_weights = sorted(loading_info["missing_keys"])
         return (model, loading_info) if output_loading_info else model
+
+    def _get_dtype_plan(self, dtype: torch.dtype) -> dict:
+        return {**super()._get_dtype_plan(dtype), **precision.load_dtype_plan()}
 
     def set_trainable(self, modules: Sequence[str] | None = None) -> None:
         """Freeze everything except the named top-level modules/parameters (docs/upstream/model.md §14).

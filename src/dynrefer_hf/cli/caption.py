@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .common import add_model_loading_options, count, number, parse_box, parse_point
+from .common import add_model_loading_options, add_precision_options, count, number, parse_box, parse_point
 from .errors import CommandError
 
 __all__ = ["SCORES_HELP", "format_table", "register"]
@@ -82,9 +82,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--show-views", metavar="OUT.png", help="write the nested views of each region")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: as saved)"
-    )
+    add_precision_options(parser)
     parser.add_argument("--batch-size", type=count(1), default=None, help="regions per forward pass (default 20)")
     parser.add_argument(
         "--tag-threshold", type=number(0.0, 1.0), default=None, help="tag probability threshold, in [0, 1]"
@@ -184,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         allow_missing_weights=args.allow_missing_weights,
+        quantize=args.quantize,
+        quiet=args.quiet,
     )
     try:
         results = describe(
@@ -253,6 +253,8 @@ def run_batch(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         allow_missing_weights=args.allow_missing_weights,
+        quantize=args.quantize,
+        quiet=args.quiet,
     )
     options = {
         "batch_size": args.batch_size,

@@ -13,6 +13,7 @@ from .errors import CommandError
 
 __all__ = [
     "add_model_loading_options",
+    "add_precision_options",
     "check_device",
     "count",
     "load_config",
@@ -43,8 +44,44 @@ def add_model_loading_options(parser: argparse.ArgumentParser) -> None:
         help="use a checkpoint that lacks some of the model's tensors (they are random; refused by default)",
     )
     parser.add_argument(
-        "--quiet", action="store_true", help="no notice when the embedded demonstration model is used"
+        "--quiet",
+        action="store_true",
+        help="no notice when the embedded demonstration model is used, nor of the precision chosen",
     )
+
+
+def add_precision_options(parser: argparse.ArgumentParser) -> None:
+    """``--dtype`` (default ``auto``: the machine's precision, `dynrefer_hf.precision`) and ``--quantize``."""
+    from ..precision import PRECISIONS, QUANTIZATIONS
+
+    parser.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        default="auto",
+        help="precision: auto (default: bfloat16 on CPUs with AMX/AVX512-BF16, upstream's on CUDA, else float32), "
+        "float32, bfloat16, float16, or upstream (Flan-T5 bfloat16, the rest float32)",
+    )
+    parser.add_argument(
+        "--quantize", choices=QUANTIZATIONS, help="int8: torchao int8 weights (less memory, slightly lower quality)"
+    )
+
+
+def load_model(model: str, device: str, dtype: str = "auto", quantize: str | None = None, quiet: bool = False, **kwargs):
+    """``DynReferForRegionCaptioning.from_pretrained(model)`` at the precision ``dtype`` names (``"auto"``: the
+    machine's), loaded straight into it, on ``device``; says on stderr which precision it chose (unless ``quiet``)."""
+    from ..modeling_dynrefer import DynReferForRegionCaptioning
+    from ..precision import describe_choice, from_pretrained_kwargs, resolve_precision, set_precision
+
+    chosen, why = resolve_precision(dtype or "auto", device)
+    try:
+        loaded = DynReferForRegionCaptioning.from_pretrained(model, **from_pretrained_kwargs(chosen, quantize), **kwargs)
+    except ImportError as error:  # --quantize without torchao
+        raise CommandError(f"--quantize {quantize}: {error}") from None
+    if chosen == "upstream":
+        set_precision(loaded, chosen)
+    if not quiet:  # once loaded: a folder that fails to load gets its one-line error alone
+        print(describe_choice(chosen, why, quantize), file=sys.stderr)
+    return loaded.to(device)
 
 
 def model_or_default(model: str | None, quiet: bool = False) -> tuple[str, str | None]:
@@ -99,19 +136,21 @@ def load_region_captioner(
     model: str,
     revision: str | None = None,
     device: str | None = None,
-    dtype: str | None = None,
+    dtype: str = "auto",
     allow_missing_weights: bool = False,
+    quantize: str | None = None,
+    quiet: bool = False,
 ):
     """The ``region-captioning`` pipeline for ``model`` on ``device`` (default: CUDA when available).
 
     A model folder broken in the usual ways (empty, no weights, corrupt weights, a config that is not
     JSON, incomplete or of another model type) or lacking some of the model's tensors (unless
-    ``allow_missing_weights``) is a `CommandError`, one sentence, before anything large is built.
+    ``allow_missing_weights``) is a `CommandError`, one sentence, before anything large is built. ``dtype`` and
+    ``quantize`` are `add_precision_options`' (`load_model`).
     """
     from transformers import pipeline
     from transformers.utils import logging as transformers_logging
 
-    from ..modeling_dynrefer import DynReferForRegionCaptioning
     from ..pipelines.region_captioning import logger as pipeline_logger
 
     load_config(model, revision)  # a clear error before the pipeline factory tries anything else
@@ -121,7 +160,7 @@ def load_region_captioner(
     # error below says; the command refuses such checkpoints anyway
     transformers_logging.set_verbosity_error()
     try:
-        loaded = DynReferForRegionCaptioning.from_pretrained(model, revision=revision, dtype=dtype or "auto")
+        loaded = load_model(model, device, dtype, quantize, quiet, revision=revision)
     except ValueError as error:
         if os.path.isdir(model):  # the folder's own problem, named by `from_pretrained`
             raise CommandError(str(error)) from None
@@ -139,6 +178,7 @@ def load_region_captioner(
             processor=model,
             revision=revision,
             device=device,
+            dtype=None,  # loaded at its precision above
             allow_missing_weights=allow_missing_weights,
         )
     except ValueError as error:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_loading_options
+from .common import add_model_loading_options, add_precision_options
 from .errors import CommandError
 
 __all__ = ["register"]
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
         help="SAM / SAM 2 folder or Hub id (e.g. facebook/sam-vit-base): turns on clicking on objects",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_precision_options(parser)
     add_model_loading_options(parser)
     parser.set_defaults(func=run)
 
@@ -61,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(str(error)) from None
     model, revision = model_or_default(args.model, args.quiet)
     describe = load_region_captioner(
-        model, revision=revision, device=args.device, allow_missing_weights=args.allow_missing_weights
+        model,
+        revision=revision,
+        device=args.device,
+        dtype=args.dtype,
+        allow_missing_weights=args.allow_missing_weights,
+        quantize=args.quantize,
+        quiet=args.quiet,
     )
     try:
         demo = build_demo(describe, segmenter=args.segmenter)

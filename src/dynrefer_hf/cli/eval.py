@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from .common import count, number
+from .common import add_precision_options, count, number
 from .errors import CommandError
 
 __all__ = ["register"]
@@ -64,8 +64,9 @@ def register(subparsers) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available; under torchrun: the local rank's GPU)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument(
-        "--quiet", action="store_true", help="no notice when the embedded demonstration model is used"
+        "--quiet", action="store_true", help="no notice when the embedded demonstration model is used, nor of the precision chosen"
     )
+    add_precision_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -115,11 +116,11 @@ def _make_folder(path: str) -> None:
         raise CommandError(f"--output {path}: cannot create the folder ({error.strerror})") from None
 
 
-def _load(model_name: str | None, device: str | None, quiet: bool):
+def _load(model_name: str | None, device: str | None, quiet: bool, dtype: str = "auto", quantize: str | None = None):
     import torch
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoProcessor
 
-    from .common import load_config, model_or_default
+    from .common import load_config, load_model, model_or_default
 
     # the demonstration-model notice, once (by process 0 under torchrun)
     name, revision = model_or_default(model_name, quiet or os.environ.get("RANK", "0") != "0")
@@ -130,7 +131,8 @@ def _load(model_name: str | None, device: str | None, quiet: bool):
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: no CUDA device is available here; use --device cpu")
     try:
-        model = AutoModel.from_pretrained(name, revision=revision).to(device)
+        # the precision line once, from the first process under torchrun
+        model = load_model(name, device, dtype, quantize, quiet or os.environ.get("RANK", "0") != "0", revision=revision)
         processor = AutoProcessor.from_pretrained(name, revision=revision)
     except OSError as error:
         raise CommandError(f"cannot load the model {name}: {error}") from None
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--output DIR is required to run a model (or give --rescore RESULT.json)")
     if args.images and not os.path.isdir(args.images):
         raise CommandError(f"--images {args.images}: not a folder")
-    model, processor = _load(args.model, args.device, args.quiet)
+    model, processor = _load(args.model, args.device, args.quiet, args.dtype, args.quantize)
     threshold = args.tag_threshold
     if threshold == "model":
         threshold = model.config.tag_threshold

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..precision import record_dtypes
 from .key_mapping import (
     DROP_T5_ALIAS,
     MappedWeights,
@@ -509,6 +510,7 @@ def save_converted(
     weights = dict(converted.state_dict)
     weights.update({alias: weights[source] for alias, source in _tied_aliases(model).items()})
     model.load_state_dict(weights, strict=True, assign=True)
+    record_dtypes(model)  # config.json says Flan-T5 is bf16, so that dtype="auto" loads it so
     model.save_pretrained(output_dir, max_shard_size=max_shard_size)
 
     image_size = config.vision_config.image_size

@@ -30,6 +30,7 @@ from transformers.utils import logging
 
 from ..image_processing_dynrefer import as_region_boxes
 from ..images import DEFAULT_DOWNLOAD_TIMEOUT, load_rgb_image
+from ..precision import resolve_precision, set_precision
 from ..pretrained import SHAPES_DEMO_PATH
 from ..segmentation import PointSegmenter, mask_to_rle, region_points
 from ..validation import (
@@ -204,6 +205,10 @@ class RegionCaptioningPipeline(ChunkPipeline):
         timeout: seconds an image download may wait for the server (default 30, ``None``: forever).
         exif_orientation: turn image files and downloads as their EXIF orientation tag says (default
             ``True``, as photo viewers do); ``False`` for upstream's stored pixel order.
+        dtype (``pipeline(...)`` argument): ``"auto"`` (default) runs the model at the machine's precision
+            (``dynrefer_hf.precision``: bfloat16 on CPUs with AMX/AVX512-BF16, upstream's on CUDA, else float32);
+            a dtype loads at that dtype; a model object passed in is used as it is.
+            int8: ``model_kwargs={"quantization_config": dynrefer_hf.precision.quantization_config("int8")}``.
         allow_missing_weights (``pipeline(...)`` argument): use a checkpoint that lacks some of the model's tensors
             (they would be random); refused by default, naming them.
         progress_bar: ``True``/``False``, or ``None`` (default) for a bar on a terminal when the
@@ -232,6 +237,11 @@ class RegionCaptioningPipeline(ChunkPipeline):
 
     def __init__(self, *args, allow_missing_weights: bool = False, segmenter=None, **kwargs):
         super().__init__(*args, **kwargs)
+        # loaded by `pipeline(...)` with dtype="auto" (the default): the machine's precision (precision.py); a model
+        # object passed in is used as it is
+        if getattr(self.model, "machine_precision_pending", False) and getattr(self.model, "hf_quantizer", None) is None:
+            set_precision(self.model, resolve_precision("auto", self.device)[0])
+            self.model.machine_precision_pending = False
         self.segmenter = None if segmenter is None else self._load_segmenter(segmenter)
         missing = list(getattr(self.model, "missing_weights", None) or [])
         if missing and not check_bool("allow_missing_weights", allow_missing_weights):
