@@ -35,7 +35,7 @@ def register(subparsers) -> None:
         "--max-batch-regions",
         type=count(1),
         default=defaults.max_batch_regions,
-        help="regions described together at most (default: %(default)s)",
+        help="regions per forward pass, of one or several requests (default: %(default)s)",
     )
     parser.add_argument(
         "--max-wait-ms",
