@@ -20,6 +20,7 @@ from io import BytesIO
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from transformers import pipeline
 
 from dynrefer_hf.serving import RequestError, ServerSettings, parse_request
@@ -121,7 +122,7 @@ def test_passes_pack_regions_of_several_requests_split_them_and_group_by_generat
 def test_a_batch_packed_into_few_passes_answers_each_request_as_the_pipeline_alone(tiny_region_captioner):
     """The API's predict, without a server: requests of other images, controls and lengths share forward passes
     (one request split between two); each answer equals the pipeline called alone on that request."""
-    api = DescribeAPI(ServerSettings(model=str(tiny_region_captioner), device="cpu", max_batch_regions=4))
+    api = DescribeAPI(ServerSettings(model=str(tiny_region_captioner), device="cpu", dtype="float32", max_batch_regions=4))
     api.setup("cpu")
     bodies = _requests(6)
     parsed = [parse_request(body, ServerSettings(model="unused")) for body in bodies]
@@ -161,7 +162,7 @@ def server(tiny_region_captioner, tmp_path_factory):
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
         sys.executable, "-m", "dynrefer_hf.cli", "serve", "--model", str(tiny_region_captioner), "--device", "cpu",
-        "--port", str(port), "--max-wait-ms", "300", "--max-queue", "6", "--max-batch-regions", "16",
+        "--port", str(port), "--dtype", "float32", "--max-wait-ms", "300", "--max-queue", "6", "--max-batch-regions", "16",
     ]  # fmt: skip
     with open(log, "w") as output:
         process = subprocess.Popen(command, env=environment, stdout=output, stderr=output, start_new_session=True)
@@ -234,7 +235,7 @@ def test_interleaved_clients_are_batched_and_each_gets_its_own_regions(server, t
     bodies = _requests(5)
     bodies.insert(2, {"image": IMAGE, "boxes": [[1, 2, 3]]})  # a bad request in the same batch
     answers = _concurrently(port, bodies)
-    describe = pipeline("region-captioning", model=str(tiny_region_captioner), device="cpu")
+    describe = pipeline("region-captioning", model=str(tiny_region_captioner), device="cpu", dtype=torch.float32)
     for body, (status, answer, _) in zip(bodies, answers):
         if body["boxes"] == [[1, 2, 3]]:
             assert status == 422 and "boxes[0]" in answer["detail"]
@@ -256,7 +257,7 @@ def test_a_full_server_answers_503_with_retry_after_and_loses_nothing(server, ti
     answers = _concurrently(port, bodies)
     statuses = [status for status, _, _ in answers]
     assert set(statuses) <= {200, 503} and statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
-    describe = pipeline("region-captioning", model=str(tiny_region_captioner), device="cpu")
+    describe = pipeline("region-captioning", model=str(tiny_region_captioner), device="cpu", dtype=torch.float32)
     for body, (status, answer, headers) in zip(bodies, answers):
         if status == 503:
             assert int(headers["Retry-After"]) >= 1 and "full" in answer["detail"]

@@ -83,13 +83,12 @@ class DescribeAPI(litserve.LitAPI):
         self.describe = None
 
     def setup(self, device) -> None:
-        from transformers import pipeline
+        from ..cli.common import load_region_captioner
 
-        import dynrefer_hf
-
-        dynrefer_hf.register()
-        self.describe = pipeline(
-            "region-captioning", model=self.settings.model, revision=self.settings.revision, device=self.settings.device or device
+        settings = self.settings
+        # the command's loader: the precision (`--dtype`, `--quantize`) and the one-line errors of `dynrefer caption`
+        self.describe = load_region_captioner(
+            settings.model, settings.revision, settings.device or device, settings.dtype, quantize=settings.quantize, quiet=True
         )
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
