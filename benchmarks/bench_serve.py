@@ -15,6 +15,9 @@ Prints a table and writes ``benchmarks/results/bench_serve.csv`` (``_common.writ
 ``serve_<regions>regions``, variant ``one_at_a_time``, ``clients_<n>`` or ``overload_<n>clients_queue<q>``,
 metrics ``regions_per_s``, ``requests_per_s``, ``latency_p50/p95/p99`` (s), ``speedup`` (x over one at a
 time), ``requests``, ``errors``, ``lost``, ``mixed_up``, ``rejected_503``.
+The server runs at ``--dtype float32`` unless told otherwise: at bfloat16 a region's score depends on which
+regions share its forward pass by up to a few percent (as the pipeline's does on its ``batch_size``), beyond the
+1e-4 of the answer check.
 
 Usage: ``python benchmarks/bench_serve.py [--model FOLDER] [--clients 1 4 16 64] [--max-wait-ms 50]``.
 """
@@ -200,6 +203,12 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=50)
     parser.add_argument("--max-batch-regions", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="the server's --dtype (default: %(default)s: at bfloat16 a region's score moves by up to a few %% with the "
+        "regions it shares a forward pass with, which the 1e-4 answer check would count as mixed up)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server (default: %(default)s)")
     parser.add_argument("--overload-clients", type=int, default=48)
     parser.add_argument("--overload-queue", type=int, default=16)
@@ -208,7 +217,7 @@ def main() -> None:
 
     bodies = shapes_requests(args.distinct, args.regions)
     serve = ["--max-wait-ms", str(args.max_wait_ms), "--max-batch-regions", str(args.max_batch_regions)]
-    serve += ["--workers", str(args.workers), "--max-queue", "1024", "--timeout", str(SERVER_TIMEOUT)]
+    serve += ["--dtype", args.dtype, "--workers", str(args.workers), "--max-queue", "1024", "--timeout", str(SERVER_TIMEOUT)]
     if args.model:
         serve += ["--model", args.model]
     benchmark = f"serve_{args.regions}regions"

@@ -20,10 +20,11 @@ from io import BytesIO
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from transformers import pipeline
 
 from dynrefer_hf.serving import RequestError, ServerSettings, parse_request
-from dynrefer_hf.serving.server import _groups
+from dynrefer_hf.serving.server import DescribeAPI, Segment, _passes
 
 SETTINGS = ServerSettings(model="unused", max_request_regions=4, max_new_tokens=8, max_image_pixels=64 * 64)
 
@@ -104,10 +105,32 @@ def test_an_allowed_url_is_fetched_with_the_size_cap(tmp_path):
             files.shutdown()
 
 
-def test_groups_keep_order_and_split_by_regions_and_generation_length():
-    items = [(i, {"boxes": [[0, 0, 1, 1]] * n, "max_new_tokens": t}) for i, (n, t) in enumerate([(2, None), (2, None), (1, None), (1, 5), (6, 5)])]
-    groups = _groups(items, max_regions=4)
-    assert [[position for position, _ in group] for group in groups] == [[0, 1], [2], [3], [4]]
+def test_passes_pack_regions_of_several_requests_split_them_and_group_by_generation_length():
+    items = [(i, {"boxes": [[0, 0, 1, 1]] * n, "max_new_tokens": t}) for i, (n, t) in enumerate([(3, None), (2, None), (1, 5), (1, None), (6, 5)])]
+    passes = _passes(items, max_regions=4)
+    assert passes == [
+        [Segment(0, 0, 3), Segment(1, 0, 1)],
+        [Segment(1, 1, 2), Segment(3, 0, 1)],
+        [Segment(2, 0, 1), Segment(4, 0, 3)],
+        [Segment(4, 3, 6)],
+    ]
+    for segments in passes:
+        assert sum(segment.stop - segment.start for segment in segments) <= 4
+        assert len({items[segment.position][1]["max_new_tokens"] for segment in segments}) == 1
+
+
+def test_a_batch_packed_into_few_passes_answers_each_request_as_the_pipeline_alone(tiny_region_captioner):
+    """The API's predict, without a server: requests of other images, controls and lengths share forward passes
+    (one request split between two); each answer equals the pipeline called alone on that request."""
+    api = DescribeAPI(ServerSettings(model=str(tiny_region_captioner), device="cpu", dtype="float32", max_batch_regions=4))
+    api.setup("cpu")
+    bodies = _requests(6)
+    parsed = [parse_request(body, ServerSettings(model="unused")) for body in bodies]
+    answers = api.predict([*parsed[:2], RequestError(422, "bad"), *parsed[2:]])
+    assert isinstance(answers[2], RequestError)
+    del answers[2]
+    for body, answer in zip(bodies, answers, strict=True):
+        _same_regions(answer, _alone(api.describe, body))
 
 
 # ------------------------------------------------------------------------------------- a real server
@@ -139,7 +162,7 @@ def server(tiny_region_captioner, tmp_path_factory):
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
         sys.executable, "-m", "dynrefer_hf.cli", "serve", "--model", str(tiny_region_captioner), "--device", "cpu",
-        "--port", str(port), "--max-wait-ms", "300", "--max-queue", "6", "--max-batch-regions", "16",
+        "--port", str(port), "--dtype", "float32", "--max-wait-ms", "300", "--max-queue", "6", "--max-batch-regions", "16",
     ]  # fmt: skip
     with open(log, "w") as output:
         process = subprocess.Popen(command, env=environment, stdout=output, stderr=output, start_new_session=True)
@@ -212,7 +235,7 @@ def test_interleaved_clients_are_batched_and_each_gets_its_own_regions(server, t
     bodies = _requests(5)
     bodies.insert(2, {"image": IMAGE, "boxes": [[1, 2, 3]]})  # a bad request in the same batch
     answers = _concurrently(port, bodies)
-    describe = pipeline("region-captioning", model=str(tiny_region_captioner), device="cpu")
+    describe = pipeline("region-captioning", model=str(tiny_region_captioner), device="cpu", dtype=torch.float32)
     for body, (status, answer, _) in zip(bodies, answers):
         if body["boxes"] == [[1, 2, 3]]:
             assert status == 422 and "boxes[0]" in answer["detail"]
@@ -234,7 +257,7 @@ def test_a_full_server_answers_503_with_retry_after_and_loses_nothing(server, ti
     answers = _concurrently(port, bodies)
     statuses = [status for status, _, _ in answers]
     assert set(statuses) <= {200, 503} and statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
-    describe = pipeline("region-captioning", model=str(tiny_region_captioner), device="cpu")
+    describe = pipeline("region-captioning", model=str(tiny_region_captioner), device="cpu", dtype=torch.float32)
     for body, (status, answer, headers) in zip(bodies, answers):
         if status == 503:
             assert int(headers["Retry-After"]) >= 1 and "full" in answer["detail"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_loading_options, count, number
+from .common import add_model_loading_options, add_precision_options, count, number
 from .errors import CommandError
 
 __all__ = ["register"]
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
         "--max-batch-regions",
         type=count(1),
         default=defaults.max_batch_regions,
-        help="regions described together at most (default: %(default)s)",
+        help="regions per forward pass, of one or several requests (default: %(default)s)",
     )
     parser.add_argument(
         "--max-wait-ms",
@@ -73,6 +73,7 @@ def register(subparsers) -> None:
         help="fetch 'url' images (http and https only, size-capped); off by default: the server would make requests "
         "on its clients' behalf",
     )
+    add_precision_options(parser)
     add_model_loading_options(parser)
     parser.set_defaults(func=run)
 
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         model=model,
         revision=revision,
         device=check_device(args.device),
+        dtype=args.dtype,
+        quantize=args.quantize,
         max_batch_regions=args.max_batch_regions,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,

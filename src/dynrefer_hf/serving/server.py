@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import litserve
+import torch
 
+from ..pipelines.region_captioning import _region_controls
 from .settings import API_PATH, RequestError, ServerSettings, parse_request
 
-__all__ = ["DescribeAPI", "QueueLimit", "build_server"]
+__all__ = ["DescribeAPI", "QueueLimit", "Segment", "build_server"]
 
 logger = logging.getLogger("dynrefer_hf.serving")
 
@@ -20,25 +22,56 @@ def _error_response(status: int, reason: str, headers: dict | None = None):
     return JSONResponse({"detail": reason}, status_code=status, headers=headers)
 
 
-def _groups(items: list[tuple[int, dict]], max_regions: int) -> list[list[tuple[int, dict]]]:
-    """Consecutive runs of requests with the same ``max_new_tokens`` holding at most ``max_regions`` regions (a
-    larger request alone): one pipeline call each."""
-    groups: list[list[tuple[int, dict]]] = []
+class Segment(NamedTuple):
+    """Regions ``start:stop`` of the request at ``position`` of a LitServe batch, described in one forward pass."""
+
+    position: int
+    start: int
+    stop: int
+
+
+def _passes(items: list[tuple[int, dict]], max_regions: int) -> list[list[Segment]]:
+    """The forward passes that describe ``items`` (``(position, request)``): requests with the same
+    ``max_new_tokens`` share passes of at most ``max_regions`` regions, taken in order and packed full, so a
+    request's regions may be split between two passes."""
+    by_settings: dict[Any, list[tuple[int, dict]]] = {}
     for position, item in items:
-        last = groups[-1] if groups else None
-        if (
-            last is not None
-            and last[0][1]["max_new_tokens"] == item["max_new_tokens"]
-            and sum(len(other["boxes"]) for _, other in last) + len(item["boxes"]) <= max_regions
-        ):
-            last.append((position, item))
-        else:
-            groups.append([(position, item)])
-    return groups
+        by_settings.setdefault(item["max_new_tokens"], []).append((position, item))
+    passes: list[list[Segment]] = []
+    for group in by_settings.values():
+        current: list[Segment] = []
+        room = max_regions
+        for position, item in group:
+            start, count = 0, len(item["boxes"])
+            while start < count:
+                if room == 0:
+                    passes.append(current)
+                    current, room = [], max_regions
+                stop = min(count, start + room)
+                current.append(Segment(position, start, stop))
+                room -= stop - start
+                start = stop
+        passes.append(current)
+    return passes
+
+
+def _segment_controls(segments: list[tuple[Segment, dict]]) -> list | None:
+    """The control words of every region of ``segments`` for the processor, or None when no request has any;
+    a region without words gets ``[]``, whose prompt equals no words' ("|" then the predicted tags), as in the
+    pipeline."""
+    per_request = [_region_controls(item["controls"], len(item["boxes"])) for _, item in segments]
+    if all(controls is None for controls in per_request):
+        return None
+    return [
+        words
+        for (segment, _), controls in zip(segments, per_request)
+        for words in (controls[segment.start : segment.stop] if controls else [[]] * (segment.stop - segment.start))
+    ]
 
 
 class DescribeAPI(litserve.LitAPI):
-    """The LitServe API: decodes each request on its own, describes a batch with the pipeline, answers each."""
+    """The LitServe API: decodes each request on its own, describes a batch's regions in as few forward passes as
+    its settings allow (regions of several requests packed together), answers each."""
 
     def __init__(self, settings: ServerSettings):
         super().__init__(
@@ -50,13 +83,12 @@ class DescribeAPI(litserve.LitAPI):
         self.describe = None
 
     def setup(self, device) -> None:
-        from transformers import pipeline
+        from ..cli.common import load_region_captioner
 
-        import dynrefer_hf
-
-        dynrefer_hf.register()
-        self.describe = pipeline(
-            "region-captioning", model=self.settings.model, revision=self.settings.revision, device=self.settings.device or device
+        settings = self.settings
+        # the command's loader: the precision (`--dtype`, `--quantize`) and the one-line errors of `dynrefer caption`
+        self.describe = load_region_captioner(
+            settings.model, settings.revision, settings.device or device, settings.dtype, quantize=settings.quantize, quiet=True
         )
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
@@ -72,26 +104,43 @@ class DescribeAPI(litserve.LitAPI):
     def predict(self, inputs, **kwargs):
         outputs: list[Any] = list(inputs)  # a RequestError stays as it is
         valid = [(position, item) for position, item in enumerate(inputs) if not isinstance(item, RequestError)]
-        for group in _groups(valid, self.settings.max_batch_regions):
-            max_new_tokens = group[0][1]["max_new_tokens"]
-            pipeline_inputs = [
-                {key: item[key] for key in ("image", "boxes", "controls") if item[key] is not None} for _, item in group
-            ]
-            results = self.describe(
-                pipeline_inputs,
-                batch_size=self.settings.max_batch_regions,
-                **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}),
-            )
-            for (position, _), regions in zip(group, results, strict=True):
-                outputs[position] = regions
+        regions: dict[int, list[dict]] = {position: [] for position, _ in valid}
+        passes = _passes(valid, self.settings.max_batch_regions)
+        for segments in passes:
+            described = self._describe([(segment, inputs[segment.position]) for segment in segments])
+            for segment, records in zip(segments, described, strict=True):
+                regions[segment.position].extend(records)
+        for position, records in regions.items():
+            outputs[position] = records
         logger.info(
-            "batch of %d requests (%d regions, %d refused) in %d pipeline calls",
+            "batch of %d requests (%d regions, %d refused) in %d forward passes",
             len(inputs),
             sum(len(item["boxes"]) for _, item in valid),
             len(inputs) - len(valid),
-            len(_groups(valid, self.settings.max_batch_regions)),
+            len(passes),
         )
         return outputs
+
+    def _describe(self, segments: list[tuple[Segment, dict]]) -> list[list[dict]]:
+        """The records of the regions of ``segments`` (of several images), from one forward pass: what the
+        pipeline's ``_chunks``, ``_forward`` and ``postprocess`` do for one image, for all of them at once."""
+        pipe = self.describe
+        features = pipe.processor(
+            images=[item["image"] for _, item in segments],
+            boxes=[item["boxes"][segment.start : segment.stop] for segment, item in segments],
+            controls=_segment_controls(segments),
+            return_tensors="pt",
+        )
+        max_new_tokens = segments[0][1]["max_new_tokens"]  # the same in every segment of a pass
+        generate_kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        model_inputs = dict(features.to(pipe.device))
+        model_inputs["pixel_values"] = model_inputs["pixel_values"].to(pipe.dtype)
+        with torch.inference_mode():
+            outputs = pipe.model.generate(
+                **model_inputs,
+                **pipe._prepare_generate_kwargs(generate_kwargs),  # the pipeline's defaults, as its `_forward`
+            )
+        return pipe.processor.post_process_region_captioning(outputs, features, pipe.model.config)
 
     def unbatch(self, output):
         return output

@@ -29,6 +29,8 @@ class ServerSettings:
     model: str
     revision: str | None = None
     device: str | None = None
+    dtype: str = "auto"  # `dynrefer_hf.precision`: the machine's precision by default
+    quantize: str | None = None
     max_batch_regions: int = 64
     max_wait_ms: float = 20.0
     max_queue: int = 256
