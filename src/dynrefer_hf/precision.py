@@ -161,6 +161,23 @@ def set_precision(model, precision: str):
     return model.to_upstream_precision()
 
 
+def load_at_precision(name_or_path, device, precision: str = "auto", quantization: str | None = None, **kwargs):
+    """``DynReferForRegionCaptioning.from_pretrained(name_or_path)`` at ``precision`` (``"auto"``: the machine's),
+    loaded straight into it (``quantization``: ``"int8"`` or None), on ``device``.
+
+    Returns ``(model, chosen, why)``: the precision chosen and the reason (`describe_choice` words them). The one
+    loader of the command line and the server."""
+    from .modeling_dynrefer import DynReferForRegionCaptioning  # the model module imports this one
+
+    chosen, why = resolve_precision(precision or "auto", device)
+    model = DynReferForRegionCaptioning.from_pretrained(
+        name_or_path, **from_pretrained_kwargs(chosen, quantization), **kwargs
+    )
+    if chosen == "upstream":
+        set_precision(model, chosen)
+    return model.to(device), chosen, why
+
+
 def describe_choice(precision: str, why: str, quantization: str | None) -> str:
     """The CLI's one line about the precision it runs at."""
     quantized = f" with {quantization} weights (torchao)" if quantization else ""

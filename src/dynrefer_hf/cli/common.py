@@ -68,20 +68,17 @@ def add_precision_options(parser: argparse.ArgumentParser) -> None:
 
 def load_model(model: str, device: str, dtype: str = "auto", quantize: str | None = None, quiet: bool = False, **kwargs):
     """``DynReferForRegionCaptioning.from_pretrained(model)`` at the precision ``dtype`` names (``"auto"``: the
-    machine's), loaded straight into it, on ``device``; says on stderr which precision it chose (unless ``quiet``)."""
-    from ..modeling_dynrefer import DynReferForRegionCaptioning
-    from ..precision import describe_choice, from_pretrained_kwargs, resolve_precision, set_precision
+    machine's), loaded straight into it, on ``device`` (`precision.load_at_precision`); says on stderr which
+    precision it chose (unless ``quiet``)."""
+    from ..precision import describe_choice, load_at_precision
 
-    chosen, why = resolve_precision(dtype or "auto", device)
     try:
-        loaded = DynReferForRegionCaptioning.from_pretrained(model, **from_pretrained_kwargs(chosen, quantize), **kwargs)
+        loaded, chosen, why = load_at_precision(model, device, dtype, quantize, **kwargs)
     except ImportError as error:  # --quantize without torchao
         raise CommandError(f"--quantize {quantize}: {error}") from None
-    if chosen == "upstream":
-        set_precision(loaded, chosen)
     if not quiet:  # once loaded: a folder that fails to load gets its one-line error alone
         print(describe_choice(chosen, why, quantize), file=sys.stderr)
-    return loaded.to(device)
+    return loaded
 
 
 def model_or_default(model: str | None, quiet: bool = False) -> tuple[str, str | None]:

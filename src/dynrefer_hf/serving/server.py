@@ -83,12 +83,19 @@ class DescribeAPI(litserve.LitAPI):
         self.describe = None
 
     def setup(self, device) -> None:
-        from ..cli.common import load_region_captioner
+        from transformers import pipeline
+
+        from ..precision import load_at_precision
 
         settings = self.settings
-        # the command's loader: the precision (`--dtype`, `--quantize`) and the one-line errors of `dynrefer caption`
-        self.describe = load_region_captioner(
-            settings.model, settings.revision, settings.device or device, settings.dtype, quantize=settings.quantize, quiet=True
+        device = settings.device or device
+        # the command line's loader (`--dtype`, `--quantize`); `dynrefer serve` checked the folder before starting
+        model, _, _ = load_at_precision(
+            settings.model, device, settings.dtype, settings.quantize, revision=settings.revision
+        )
+        self.describe = pipeline(
+            "region-captioning", model=model, processor=settings.model, revision=settings.revision, device=device,
+            dtype=None,  # loaded at its precision above
         )
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
