@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from ..segmentation import check_points_inside, region_points, segmenter_config
     from ..validation import checked_region_box
     from ..visualize import draw_clicks, draw_regions, draw_views
-    from .common import load_region_captioner, model_or_default
+    from .common import load_region_captioner_from_options
 
     if args.input or args.output or args.restart or len(args.images) > 1:
         return run_batch(args)
@@ -175,16 +175,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         raise CommandError(str(error)) from None
 
-    model, revision = model_or_default(args.model, args.quiet)
-    describe = load_region_captioner(
-        model,
-        revision=revision,
-        device=args.device,
-        dtype=args.dtype,
-        allow_missing_weights=args.allow_missing_weights,
-        quantize=args.quantize,
-        quiet=args.quiet,
-    )
+    describe, model = load_region_captioner_from_options(args)
     try:
         results = describe(
             image,
@@ -238,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
 def run_batch(args: argparse.Namespace) -> int:
     """Several images, ``--input`` or ``--output``: `dynrefer_hf.batch.describe_dataset`, JSON lines out."""
     from ..batch import describe_dataset
-    from .common import load_region_captioner, model_or_default
+    from .common import load_region_captioner_from_options
 
     for option in ("draw", "show_views"):
         if getattr(args, option):
@@ -246,16 +237,7 @@ def run_batch(args: argparse.Namespace) -> int:
     if args.points or args.segmenter:
         raise CommandError("--point and --segmenter describe one image: give boxes for a batch job")
     requests = _gather_requests(args)
-    model, revision = model_or_default(args.model, args.quiet)
-    describe = load_region_captioner(
-        model,
-        revision=revision,
-        device=args.device,
-        dtype=args.dtype,
-        allow_missing_weights=args.allow_missing_weights,
-        quantize=args.quantize,
-        quiet=args.quiet,
-    )
+    describe, _ = load_region_captioner_from_options(args)
     options = {
         "batch_size": args.batch_size,
         "tag_threshold": args.tag_threshold,

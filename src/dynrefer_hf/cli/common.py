@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import sys
+from typing import Any
 
 from ..validation import check_count, check_model_folder, check_number, number_range_text
 from .errors import CommandError
@@ -18,6 +19,7 @@ __all__ = [
     "count",
     "load_config",
     "load_region_captioner",
+    "load_region_captioner_from_options",
     "model_or_default",
     "number",
     "parse_box",
@@ -188,6 +190,23 @@ def load_region_captioner(
         raise _unavailable(model, error) from None
     finally:
         pipeline_logger.setLevel(level)
+
+
+def load_region_captioner_from_options(args) -> tuple[Any, str]:
+    """``(pipeline, model name)`` for the options of `add_model_loading_options` and `add_precision_options`
+    (``--model``, ``--device``, ``--dtype``, ``--quantize``, ``--allow-missing-weights``, ``--quiet``), which
+    every command that describes regions shares."""
+    model, revision = model_or_default(args.model, args.quiet)
+    describe = load_region_captioner(
+        model,
+        revision=revision,
+        device=args.device,
+        dtype=args.dtype,
+        allow_missing_weights=args.allow_missing_weights,
+        quantize=args.quantize,
+        quiet=args.quiet,
+    )
+    return describe, model
 
 
 def parse_box(text: str) -> list[float]:

@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .common import load_region_captioner, model_or_default
+    from .common import load_region_captioner_from_options
 
     if not 0 < args.port < 65536:
         raise CommandError(f"--port must be between 1 and 65535, got {args.port}")
@@ -60,16 +60,7 @@ def run(args: argparse.Namespace) -> int:
             segmenter_config(args.segmenter)
         except ValueError as error:
             raise CommandError(str(error)) from None
-    model, revision = model_or_default(args.model, args.quiet)
-    describe = load_region_captioner(
-        model,
-        revision=revision,
-        device=args.device,
-        dtype=args.dtype,
-        allow_missing_weights=args.allow_missing_weights,
-        quantize=args.quantize,
-        quiet=args.quiet,
-    )
+    describe, _ = load_region_captioner_from_options(args)
     try:
         demo = build_demo(describe, segmenter=args.segmenter)
     except ValueError as error:  # a segmenter that cannot be loaded or is not SAM
